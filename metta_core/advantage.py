@@ -1,0 +1,181 @@
+"""Advantage estimation (SPEC §2) and advantage normalization (SPEC §3).
+
+Index convention (SPEC §1): tensors are ``[segments, horizon]``; ``rewards[:, t]`` and
+``dones[:, t]`` belong to the transition that *led into* observation ``t``, so the reward that
+followed the action at ``t`` is ``rewards[:, t+1]``. Column 0 of ``rewards`` and ``dones`` is
+never read, and the last column of the advantage is 0.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from metta_core.errors import MettaError
+from metta_core.kernels.scan import advantage_scan
+
+try:  # the compiled CPU kernel; numba is a dependency, but keep working without it
+    import numba
+
+    from metta_core.kernels.cpu import advantage_cpu as _advantage_cpu
+except ImportError as exc:  # pragma: no cover - exercised by forcing the fallback in tests
+    numba = None
+    _advantage_cpu = None
+    _NUMBA_IMPORT_ERROR: ImportError | None = exc
+else:
+    _NUMBA_IMPORT_ERROR = None
+
+_warned_fallback = False
+
+NORM_EPS = 1e-8
+"""Added to the standard deviation in both normalization paths (SPEC §3)."""
+
+
+def _check_advantage_inputs(values: Tensor, rewards: Tensor, dones: Tensor, ratio: Tensor) -> None:
+    named = {"values": values, "rewards": rewards, "dones": dones, "importance_sampling_ratio": ratio}
+    for name, x in named.items():
+        if not isinstance(x, Tensor):
+            raise MettaError(f"compute_advantage: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if values.dim() != 2:
+        raise MettaError(
+            f"compute_advantage: values must be [segments, horizon], got shape {tuple(values.shape)}; "
+            f"reshape flat data to [segments, horizon] rows in time order"
+        )
+    for name, x in named.items():
+        if x.shape != values.shape:
+            raise MettaError(
+                f"compute_advantage: {name} has shape {tuple(x.shape)} but values has "
+                f"{tuple(values.shape)}; all four must be [segments, horizon]"
+            )
+        if x.device != values.device:
+            raise MettaError(f"compute_advantage: {name} is on {x.device} but values is on {values.device}")
+    for name in ("values", "rewards", "importance_sampling_ratio"):
+        if named[name].dtype != torch.float32:
+            raise MettaError(
+                f"compute_advantage: {name} must be float32, got {named[name].dtype}; "
+                f"convert with .float()"
+            )
+    if not (dones.dtype == torch.bool or dones.is_floating_point()):
+        raise MettaError(f"compute_advantage: dones must be bool or float, got {dones.dtype}")
+
+
+def _use_compiled(values: Tensor) -> bool:
+    global _warned_fallback
+    if values.device.type != "cpu":
+        return False
+    if _advantage_cpu is not None and os.environ.get("METTA_ADVANTAGE_BACKEND", "") != "torch":
+        return True
+    if _advantage_cpu is None and not _warned_fallback:
+        warnings.warn(
+            f"metta_core.advantage: numba is unavailable ({_NUMBA_IMPORT_ERROR}); using the pure-torch "
+            f"scan on CPU, which is several times slower. Install numba to get the compiled kernel.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        _warned_fallback = True
+    return False
+
+
+@torch.no_grad()
+def compute_advantage(
+    values: Tensor,
+    rewards: Tensor,
+    dones: Tensor,
+    importance_sampling_ratio: Tensor,
+    *,
+    gamma: float,
+    gae_lambda: float,
+    rho_clip: float = 1.0,
+    c_clip: float = 1.0,
+) -> Tensor:
+    """V-trace-clipped GAE ("puff advantage", SPEC §2); returns a new tensor, never tracks grad.
+
+    All inputs are ``[segments, horizon]``; ``w`` is ``importance_sampling_ratio``. With
+    ``A[:, horizon-1] = 0`` and for ``t = horizon-2 … 0``::
+
+        nnt   = 1 - dones[t+1]
+        rho   = min(w[t], rho_clip);   c = min(w[t], c_clip)
+        delta = rho * (rewards[t+1] + gamma * values[t+1] * nnt - values[t])
+        A[t]  = delta + gamma * gae_lambda * c * nnt * A[t+1]
+
+    With ``w == 1`` and clips >= 1 this is GAE(lambda) on rewards shifted by one column.
+    CPU tensors use a compiled kernel (bit-identical to the sequential float32 loop); other
+    devices (and CPU without numba, or ``METTA_ADVANTAGE_BACKEND=torch``) use a log-depth scan.
+    """
+    _check_advantage_inputs(values, rewards, dones, importance_sampling_ratio)
+    dones = dones.to(torch.float32)
+    if values.numel() == 0:
+        return torch.zeros_like(values)
+    if _use_compiled(values):
+        arrays = [x.detach().contiguous() for x in (values, rewards, dones, importance_sampling_ratio)]
+        out = torch.empty_like(arrays[0])
+        f32 = torch.tensor([gamma, gae_lambda, rho_clip, c_clip], dtype=torch.float32).tolist()
+        import numpy as np  # numba implies numpy
+
+        _advantage_cpu(
+            *(a.numpy() for a in arrays),
+            *(np.float32(x) for x in f32),
+            out.numpy(),
+            numba.get_num_threads(),
+        )
+        return out
+    return advantage_scan(
+        values.detach(), rewards.detach(), dones, importance_sampling_ratio.detach(),
+        gamma, gae_lambda, rho_clip, c_clip,
+    )
+
+
+def normalize_advantage(
+    adv: Tensor,
+    enabled: bool = True,
+    *,
+    mask: Tensor | None = None,
+    group: "torch.distributed.ProcessGroup | None" = None,
+) -> Tensor:
+    """Metta's advantage normalization (SPEC §3); ``enabled=False`` returns ``adv`` unchanged.
+
+    - Single process: ``(A - A.mean()) / (A.std() + 1e-8)``, Bessel-corrected ``std`` over all
+      elements (over ``mask`` elements when a boolean ``mask`` is given).
+    - ``torch.distributed`` initialized: one all-reduce of ``[sum, sum of squares, count]``;
+      ``mean = sum/count``, ``var = sumsq/count - mean**2`` (population),
+      ``std = sqrt(clamp(var, min=1e-8))``, result ``(A - mean) / (std + 1e-8)``. Every rank
+      makes exactly one collective call, even with no valid element.
+
+    Elements outside ``mask`` are returned as 0.
+    """
+    if not enabled:
+        return adv
+    if mask is not None:
+        if mask.shape != adv.shape or mask.dtype != torch.bool:
+            raise MettaError(
+                f"normalize_advantage: mask must be a bool tensor of shape {tuple(adv.shape)}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        valid = adv[mask]
+    else:
+        valid = adv
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        stats = torch.stack(
+            [valid.sum(), (valid * valid).sum(), torch.tensor(float(valid.numel()), device=adv.device)]
+        ).to(adv.dtype)
+        torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM, group=group)
+        total, total_sq, count = stats
+        if count.item() == 0:
+            raise MettaError("normalize_advantage: no valid advantage element on any rank; check the loss mask")
+        mean = total / count
+        var = total_sq / count - mean**2
+        std = torch.sqrt(var.clamp(min=1e-8))
+    else:
+        if valid.numel() < 2:
+            raise MettaError(
+                f"normalize_advantage: the standard deviation needs at least 2 elements, got "
+                f"{valid.numel()}; use a larger minibatch or set norm_adv=False"
+            )
+        mean, std = valid.mean(), valid.std()
+    normalized = (adv - mean) / (std + NORM_EPS)
+    if mask is not None:
+        normalized = torch.where(mask, normalized, torch.zeros_like(normalized))
+    return normalized
