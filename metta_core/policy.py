@@ -1,0 +1,115 @@
+"""What a policy must provide to the core loop, and a small actor-critic that provides it."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tensordict import TensorDict
+from torch import Tensor, nn
+from torch.distributions import Categorical, Distribution, Independent, Normal
+
+from metta_core.errors import MettaError
+from metta_core.experience import ExperienceSpec, FieldSpec
+
+OBS_KEY = "env_obs"
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """The policy contract of the core loop (Metta's ``metta.agent.policy.Policy``).
+
+    ``forward(td, action=None)`` reads ``td["env_obs"]`` (batch dims first) and writes, with the
+    same batch shape:
+
+    - ``"actions"``: a sampled action (only when ``action`` is None, i.e. during rollout),
+    - ``"act_log_prob"``: log-probability of ``action`` (or of the sampled one),
+    - ``"entropy"``: entropy of the action distribution,
+    - ``"values"``: the critic's value estimate (float32).
+
+    ``get_agent_experience_spec`` names the per-step inputs the policy needs stored in the
+    buffer (at least ``env_obs``); ``reset_memory`` clears recurrent state (a no-op for
+    feed-forward policies). An optional integer attribute ``burn_in_steps`` makes PPO skip
+    storing that many rollout steps.
+    """
+
+    def forward(self, td: TensorDict, action: Tensor | None = None) -> TensorDict: ...
+
+    def get_agent_experience_spec(self) -> ExperienceSpec: ...
+
+    def reset_memory(self) -> None: ...
+
+    def parameters(self): ...
+
+
+def _layer(n_in: int, n_out: int, std: float) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out)
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, 0.0)
+    return layer
+
+
+def mlp(n_in: int, hidden: Sequence[int], n_out: int, out_std: float) -> nn.Sequential:
+    """Tanh MLP with orthogonal init (CleanRL's); ``hidden=()`` gives a linear map."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [_layer(n_in, width, float(np.sqrt(2))), nn.Tanh()]
+        n_in = width
+    layers.append(_layer(n_in, n_out, out_std))
+    return nn.Sequential(*layers)
+
+
+class ActorCritic(nn.Module):
+    """Separate actor and critic MLPs over a flat observation.
+
+    Discrete action spaces get a ``Categorical``; ``Box`` spaces a diagonal ``Normal`` with a
+    learned state-independent log-std (log-prob and entropy summed over action dims).
+    """
+
+    def __init__(self, observation_space: gym.Space, action_space: gym.Space, hidden: Sequence[int] = (64, 64)):
+        super().__init__()
+        if not isinstance(observation_space, gym.spaces.Box):
+            raise MettaError(f"ActorCritic needs a Box observation space, got {observation_space}")
+        self.obs_shape = tuple(observation_space.shape)
+        obs_dim = int(np.prod(self.obs_shape))
+        if isinstance(action_space, gym.spaces.Discrete):
+            self.continuous = False
+            self.action_shape: tuple[int, ...] = ()
+            self.actor = mlp(obs_dim, hidden, int(action_space.n), 0.01)
+        elif isinstance(action_space, gym.spaces.Box):
+            self.continuous = True
+            self.action_shape = tuple(action_space.shape)
+            self.actor = mlp(obs_dim, hidden, int(np.prod(self.action_shape)), 0.01)
+            self.log_std = nn.Parameter(torch.zeros(int(np.prod(self.action_shape))))
+        else:
+            raise MettaError(f"ActorCritic supports Discrete and Box action spaces, got {action_space}")
+        self.critic = mlp(obs_dim, hidden, 1, 1.0)
+
+    def distribution(self, obs: Tensor) -> Distribution:
+        out = self.actor(obs)
+        if not self.continuous:
+            return Categorical(logits=out)
+        return Independent(Normal(out, self.log_std.exp().expand_as(out)), 1)
+
+    def forward(self, td: TensorDict, action: Tensor | None = None) -> TensorDict:
+        obs = td[OBS_KEY]
+        batch = obs.shape[: obs.dim() - len(self.obs_shape)]
+        flat_obs = obs.reshape(-1, int(np.prod(self.obs_shape))).float()
+        dist = self.distribution(flat_obs)
+        if action is None:
+            action = dist.sample()
+            td["actions"] = action.reshape(*batch, *self.action_shape)
+        else:
+            action = action.reshape(-1, *self.action_shape)
+        td["act_log_prob"] = dist.log_prob(action).reshape(batch)
+        td["entropy"] = dist.entropy().reshape(batch)
+        td["values"] = self.critic(flat_obs).reshape(batch)
+        return td
+
+    def get_agent_experience_spec(self) -> ExperienceSpec:
+        return ExperienceSpec({OBS_KEY: FieldSpec(self.obs_shape, torch.float32)})
+
+    def reset_memory(self) -> None:
+        """Feed-forward: nothing to reset."""

@@ -1,0 +1,141 @@
+"""Metta's PPO loss on the ``Loss`` lifecycle (SPEC §4, §5).
+
+The pure math (``anneal_beta``, ``prioritized_sample``, ``ppo_minibatch_loss``) lives in
+``metta_core.ppo_math`` and is re-exported here; this module adds the stateful part: rollout
+storage with burn-in, the first-pass advantages at ``mb_idx == 0``, segment sampling, the
+target-KL stop and the tracked stats.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import torch
+from tensordict import TensorDict
+
+from metta_core.advantage import compute_advantage
+from metta_core.config import PPOConfig, TrainerConfig
+from metta_core.errors import MettaError
+from metta_core.experience import ExperienceSpec, FieldSpec
+from metta_core.loss import Loss
+from metta_core.ppo_math import PPOTerms, anneal_beta, explained_variance, ppo_minibatch_loss, prioritized_sample
+
+__all__ = ["PPO", "PPOTerms", "anneal_beta", "prioritized_sample", "ppo_minibatch_loss", "explained_variance", "action_field"]
+
+
+def action_field(action_space: gym.Space) -> FieldSpec:
+    """Buffer field for one step's action: int64 for ``Discrete``, float32 for ``Box``."""
+    if isinstance(action_space, gym.spaces.Discrete):
+        return FieldSpec((), torch.long)
+    if isinstance(action_space, gym.spaces.MultiDiscrete):
+        return FieldSpec(tuple(action_space.shape), torch.long)
+    if isinstance(action_space, gym.spaces.Box):
+        return FieldSpec(tuple(action_space.shape), torch.float32)
+    raise MettaError(f"unsupported action space {action_space}; use Discrete, MultiDiscrete or Box")
+
+
+class PPO(Loss):
+    """PPO loss with prioritized segment replay and V-trace tweaks (Metta's ``PPO``).
+
+    ``generator`` (a ``torch.Generator``) makes the segment sampling reproducible; without it
+    the global RNG is used as ``torch.multinomial`` uses it.
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        trainer_cfg: TrainerConfig,
+        env: Any,
+        device: torch.device | str,
+        instance_name: str = "ppo",
+        loss_config: PPOConfig | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(policy, trainer_cfg, env, device, instance_name, loss_config or PPOConfig())
+        self.generator = generator
+        self.advantages: torch.Tensor | None = None
+        self.anneal_beta = 0.0
+        self.burn_in_steps = int(getattr(policy, "burn_in_steps", 0))
+        self.burn_in_steps_iter = 0
+        self.register_state_attr("anneal_beta", "burn_in_steps_iter")
+
+    def get_experience_spec(self) -> ExperienceSpec:
+        scalar = FieldSpec((), torch.float32)
+        return ExperienceSpec(
+            {
+                "actions": action_field(self.env.single_action_space),
+                "act_log_prob": scalar,
+                "values": scalar,
+                "rewards": scalar,
+                "dones": scalar,
+                "truncateds": scalar,
+            }
+        )
+
+    def run_rollout(self, td: TensorDict, context: Any) -> None:
+        with torch.no_grad():
+            self.policy.forward(td)
+        if self.burn_in_steps_iter < self.burn_in_steps:
+            self.burn_in_steps_iter += 1
+            return
+        self.replay.store(td, context.training_env_id)
+
+    def run_train(self, shared_loss_data: TensorDict, context: Any, mb_idx: int) -> tuple[torch.Tensor, TensorDict, bool]:
+        """One minibatch of SPEC §4: steps 1-7."""
+        cfg: PPOConfig = self.loss_cfg
+        if self.replay is None:
+            raise MettaError(f"PPO {self.instance_name!r}: no replay buffer; call attach_replay_buffer(experience)")
+        reset = getattr(self.policy, "reset_memory", None)
+        if callable(reset):
+            reset()
+        self.burn_in_steps_iter = 0
+
+        stop = False
+        if cfg.target_kl is not None and mb_idx > 0:
+            tracked = self.loss_tracker["approx_kl"]
+            stop = bool(tracked) and sum(tracked) / len(tracked) > cfg.target_kl
+        buffer = self.replay.buffer
+        prio = cfg.prioritized_experience_replay
+        if mb_idx == 0 or self.advantages is None:
+            self.anneal_beta = anneal_beta(
+                context.epoch, self.trainer_cfg.total_timesteps, self.trainer_cfg.batch_size,
+                prio.prio_alpha, prio.prio_beta0,
+            )
+            self.advantages = compute_advantage(
+                buffer["values"], buffer["rewards"], buffer["dones"], torch.ones_like(buffer["values"]),
+                gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, rho_clip=cfg.vtrace.rho_clip, c_clip=cfg.vtrace.c_clip,
+            )
+        idx, prio_weights = prioritized_sample(
+            self.advantages, self.replay.minibatch_segments,
+            prio_alpha=prio.prio_alpha, prio_beta=self.anneal_beta, generator=self.generator,
+        )
+        minibatch = buffer[idx]
+        shared_loss_data["sampled_mb"] = minibatch
+        shared_loss_data["indices"] = idx
+
+        flat = minibatch.reshape(-1)
+        policy_td = flat.select(*self.policy.get_agent_experience_spec().fields).clone()
+        policy_td = self.policy.forward(policy_td, action=flat["actions"])
+        shape = minibatch.batch_size
+        terms = ppo_minibatch_loss(
+            cfg,
+            old_logprob=minibatch["act_log_prob"],
+            new_logprob=policy_td["act_log_prob"].reshape(shape),
+            entropy=policy_td["entropy"].reshape(shape),
+            new_values=policy_td["values"].reshape(shape),
+            values=minibatch["values"],
+            rewards=minibatch["rewards"],
+            dones=minibatch["dones"],
+            advantages=self.advantages[idx],
+            prio_weights=prio_weights,
+        )
+        shared_loss_data["policy_td"] = policy_td.reshape(shape)
+        self._track(terms.stats())
+        return terms.loss, shared_loss_data, stop
+
+    def on_train_phase_end(self, context: Any = None) -> None:
+        """Track ``explained_variance = 1 - var(A0) / var(A0 + values)`` over the whole buffer."""
+        if self.advantages is not None and self.replay is not None:
+            ev = explained_variance(self.advantages, self.replay.buffer["values"])
+            self.loss_tracker["explained_variance"] = [ev]

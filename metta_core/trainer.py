@@ -1,0 +1,252 @@
+"""The core framework's training run: a gymnasium env, ``ActorCritic``, ``PPO`` and ``CoreTrainingLoop``.
+
+``metta-bridges train --framework core`` calls ``train``. A checkpoint holds the policy,
+optimizer, loss state, experience bookkeeping, env state, RNG states and trainer epoch, so a
+resumed run continues exactly as the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metta_core.config import PPOConfig, TrainerConfig
+from metta_core.errors import MettaError
+from metta_core.experience import Experience
+from metta_core.gym_env import GymVectorEnvironment
+from metta_core.policy import ActorCritic
+from metta_core.ppo import PPO
+from metta_core.runlog import RunLogger
+from metta_core.training import ComponentContext, CoreTrainingLoop
+
+RETURN_WINDOW = 100
+"""Episodes in the moving window behind ``episode_return_mean`` (as in CleanRL and RLlib)."""
+
+
+@dataclass
+class TrainArgs:
+    """Settings of one ``metta-bridges train`` run (shared by all frameworks)."""
+
+    framework: str = "core"
+    """core, torchrl or rllib."""
+    env: str = "CartPole-v1"
+    """A gymnasium env id with a Box observation space."""
+    seed: int = 0
+    """Seeds the env, the policy init and every sampler."""
+    total_timesteps: int = 200_000
+    """Env-step budget of the run."""
+    out_dir: Path = Path("runs/train")
+    """Where metrics, the learning curve and checkpoints go."""
+    metrics_format: str = "jsonl"
+    """jsonl or csv."""
+    save_checkpoint: Path | None = None
+    """Write a checkpoint here at the end (and every ``checkpoint_every`` iterations)."""
+    checkpoint_every: int = 0
+    """Iterations between checkpoints; 0 saves only at the end."""
+    resume: Path | None = None
+    """Continue from this checkpoint."""
+    num_envs: int = 8
+    """Parallel env copies (agents)."""
+    batch_size: int = 2048
+    """Env steps per rollout phase."""
+    bptt_horizon: int = 32
+    """Steps per buffer row."""
+    minibatch_size: int = 512
+    """Env steps per minibatch."""
+    max_minibatch_size: int = 32768
+    """Largest minibatch run at once (larger requests accumulate gradients)."""
+    update_epochs: int = 4
+    """Passes over the buffer per training phase."""
+    learning_rate: float = 2.5e-3
+    """Adam learning rate."""
+    hidden_size: int = 64
+    """Width of the two hidden layers of actor and critic."""
+    target_return: float | None = 475.0
+    """Mean episodic return (over the last 100 episodes) that counts as solved."""
+    stop_at_target: bool = True
+    """End the run as soon as ``target_return`` is reached."""
+    progress: bool = True
+    """Show a progress bar."""
+    device: str = "cpu"
+    """Torch device of the learner."""
+    ppo: dict[str, Any] = field(default_factory=dict)
+    """PPOConfig overrides by dotted path, e.g. {"vtrace.rho_clip": 0.8}."""
+    address: str | None = None
+    """rllib: address of an existing Ray cluster (default: start Ray locally)."""
+    num_learners: int = 0
+    """rllib: remote learners (0 = learn in the driver)."""
+    num_env_runners: int = 0
+    """rllib: remote env runners (0 = sample in the driver)."""
+    compare_native: bool = False
+    """torchrl/rllib: also train the framework's own PPO with the same settings."""
+
+    def trainer_config(self) -> TrainerConfig:
+        return TrainerConfig(
+            batch_size=self.batch_size, bptt_horizon=self.bptt_horizon, minibatch_size=self.minibatch_size,
+            max_minibatch_size=self.max_minibatch_size, update_epochs=self.update_epochs,
+            total_timesteps=self.total_timesteps,
+        )
+
+    def ppo_config(self) -> PPOConfig:
+        return PPOConfig().update(self.ppo)  # type: ignore[return-value]
+
+
+class ReturnTracker:
+    """Moving mean of the last ``RETURN_WINDOW`` episodic returns, and when it first hit the target."""
+
+    def __init__(self, target: float | None) -> None:
+        self.window: deque[float] = deque(maxlen=RETURN_WINDOW)
+        self.episodes = 0
+        self.target = target
+        self.steps_to_target: int | None = None
+
+    def add(self, returns: list[float], env_steps: int) -> None:
+        self.window.extend(returns)
+        self.episodes += len(returns)
+        if self.reached and self.steps_to_target is None:
+            self.steps_to_target = env_steps
+
+    @property
+    def mean(self) -> float:
+        return sum(self.window) / len(self.window) if self.window else float("nan")
+
+    @property
+    def reached(self) -> bool:
+        return self.target is not None and len(self.window) == RETURN_WINDOW and self.mean >= self.target
+
+    def state_dict(self) -> dict:
+        return {"window": list(self.window), "episodes": self.episodes, "steps_to_target": self.steps_to_target}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window.clear()
+        self.window.extend(state["window"])
+        self.episodes = state["episodes"]
+        self.steps_to_target = state["steps_to_target"]
+
+
+class CoreRun:
+    """Everything a core training run holds, built from ``TrainArgs``."""
+
+    def __init__(self, args: TrainArgs) -> None:
+        self.args = args
+        self.trainer_cfg = args.trainer_config()
+        self.ppo_cfg = args.ppo_config()
+        torch.manual_seed(args.seed)
+        self.device = torch.device(args.device)
+        self.env = GymVectorEnvironment(args.env, args.num_envs, args.seed)
+        self.policy = ActorCritic(
+            self.env.single_observation_space, self.env.single_action_space, (args.hidden_size,) * 2
+        ).to(self.device)
+        # Metta's optimizer defaults: Adam(beta1=0.9, beta2=0.999, eps=1e-12)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=args.learning_rate, eps=1e-12)
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.ppo = PPO(self.policy, self.trainer_cfg, self.env, self.device, "ppo", self.ppo_cfg, self.generator)
+        spec = self.policy.get_agent_experience_spec().merge(self.ppo.get_experience_spec())
+        self.experience = Experience(
+            self.env.num_agents, args.batch_size, args.bptt_horizon, args.minibatch_size,
+            args.max_minibatch_size, spec, self.device,
+        )
+        self.context = ComponentContext(
+            policy=self.policy, experience=self.experience, optimizer=self.optimizer,
+            config=self.trainer_cfg, device=self.device,
+        )
+        self.loop = CoreTrainingLoop(
+            self.policy, self.experience, {"ppo": self.ppo}, self.optimizer, self.device, self.context
+        )
+        self.returns = ReturnTracker(args.target_return)
+        self.ppo.on_new_training_run(self.context)
+
+    def iteration(self) -> dict[str, float]:
+        """One trainer epoch: rollout, training phase; returns the row to log."""
+        ctx = self.context
+        started = time.perf_counter()
+        self.loop.on_epoch_start(ctx)
+        rollout = self.loop.rollout_phase(self.env, ctx)
+        ctx.agent_step += rollout.agent_steps
+        self.returns.add(rollout.episode_returns, ctx.agent_step)
+        stats, epochs = self.loop.training_phase(ctx, self.trainer_cfg.update_epochs, self.ppo_cfg.max_grad_norm)
+        ctx.epoch += 1
+        return {
+            "env_steps": ctx.agent_step,
+            "epoch": ctx.epoch,
+            "episode_return_mean": self.returns.mean,
+            "episodes": self.returns.episodes,
+            "update_epochs_trained": epochs,
+            "steps_per_second": rollout.agent_steps / (time.perf_counter() - started),
+            **stats,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "args": dataclasses.asdict(self.args),
+            "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "losses": {"ppo": self.ppo.state_dict()},
+            "epoch": self.context.epoch,
+            "agent_step": self.context.agent_step,
+            "torch_rng": torch.get_rng_state(),
+            "generator": self.generator.get_state(),
+            "env": self.env.state_dict(),
+            "experience": self.experience.state_dict(),
+            "returns": self.returns.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ppo.load_state_dict(state["losses"]["ppo"])
+        self.context.epoch = state["epoch"]
+        self.context.agent_step = state["agent_step"]
+        torch.set_rng_state(state["torch_rng"])
+        self.generator.set_state(state["generator"])
+        self.env.load_state_dict(state["env"])
+        self.experience.load_state_dict(state["experience"])
+        self.returns.load_state_dict(state["returns"])
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: Path) -> None:
+        if not Path(path).exists():
+            raise MettaError(f"checkpoint {path} does not exist; check --resume")
+        self.load_state_dict(torch.load(path, weights_only=False))
+
+
+def train(args: TrainArgs) -> dict[str, Any]:
+    """Run the core trainer; returns a summary (env steps, final mean return, steps to target)."""
+    run = CoreRun(args)
+    if args.resume is not None:
+        run.load(args.resume)
+    logger = RunLogger(
+        args.out_dir, args.total_timesteps, metrics_format=args.metrics_format, progress=args.progress,
+        resume=args.resume is not None, title=f"core {args.env} seed {args.seed}",
+    )
+    iteration = 0
+    try:
+        while run.context.agent_step < args.total_timesteps:
+            logger.log(run.iteration())
+            iteration += 1
+            if args.save_checkpoint and args.checkpoint_every and iteration % args.checkpoint_every == 0:
+                run.save(args.save_checkpoint)
+            if args.stop_at_target and run.returns.reached:
+                break
+        if args.save_checkpoint:
+            run.save(args.save_checkpoint)
+    finally:
+        curve = logger.close()
+        run.env.close()
+    return {
+        "framework": "core",
+        "env_steps": run.context.agent_step,
+        "episode_return_mean": run.returns.mean,
+        "steps_to_target": run.returns.steps_to_target,
+        "metrics": str(logger.metrics_path),
+        "learning_curve": str(curve),
+    }
