@@ -1,0 +1,155 @@
+"""Advantage kernel benchmark: metta_core.compute_advantage against anchors measured in the same run.
+
+    python -m benchmarks.advantage [--repeats 30] [--json runs/bench_advantage.json]
+
+Anchors: a plain scalar C loop (gcc -O3, compiled here when gcc exists), a PyTorch loop over
+time, TorchRL's GAE kernels and RLlib's value-target code (both on ratio-1 data, where SPEC §2
+is plain GAE). Times are medians of interleaved repeats; ratios are against the C loop (lower
+is faster). No assertion: speed goals are read off the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numba
+import numpy as np
+import torch
+
+from metta_core.advantage import compute_advantage
+from metta_core.kernels.scan import advantage_scan
+
+SHAPES = [(16384, 64), (1024, 256)]
+GAMMA, LAMBDA, RHO, C = 0.977, 0.891477, 1.0, 1.0
+C_SOURCE = Path(__file__).parent / "c" / "advantage_loop.c"
+
+
+def compile_c_loop() -> Callable | None:
+    if shutil.which("gcc") is None:
+        return None
+    lib_path = Path(tempfile.mkdtemp()) / "libadvantage_loop.so"
+    subprocess.run(["gcc", "-O3", "-shared", "-fPIC", "-o", str(lib_path), str(C_SOURCE)], check=True)
+    lib = ctypes.CDLL(str(lib_path))
+    f32p = ctypes.POINTER(ctypes.c_float)
+
+    def run(v, r, d, w):
+        a = np.empty_like(v)
+        s, h = v.shape
+        lib.puff_advantage(*(x.ctypes.data_as(f32p) for x in (v, r, d, w, a)), s, h,
+                           ctypes.c_float(GAMMA), ctypes.c_float(LAMBDA), ctypes.c_float(RHO), ctypes.c_float(C))
+        return a
+
+    return run
+
+
+def torch_time_loop(values, rewards, dones, ratio):
+    """SPEC §2 vectorized over rows, a Python loop over time (what a naive port does)."""
+    adv = torch.zeros_like(values)
+    last = torch.zeros(values.shape[0])
+    for t in range(values.shape[1] - 2, -1, -1):
+        nnt = 1.0 - dones[:, t + 1]
+        w = ratio[:, t]
+        delta = w.clamp(max=RHO) * (rewards[:, t + 1] + GAMMA * values[:, t + 1] * nnt - values[:, t])
+        last = delta + GAMMA * LAMBDA * w.clamp(max=C) * nnt * last
+        adv[:, t] = last
+    return adv
+
+
+def candidates(data: dict) -> dict[str, Callable]:
+    from ray.rllib.utils.postprocessing.value_predictions import compute_value_targets
+    from torchrl.objectives.value.functional import generalized_advantage_estimate, vec_generalized_advantage_estimate
+
+    t = data["torch"]
+    n = data["numpy"]
+    # framework layout (SPEC §1): reward and terminal at the index of the action
+    tr_reward = t["rewards"].roll(-1, dims=1).unsqueeze(-1)
+    tr_done = t["dones"].roll(-1, dims=1).bool().unsqueeze(-1)
+    tr_value = t["values"].unsqueeze(-1)
+    tr_next = t["values"].roll(-1, dims=1).unsqueeze(-1)
+    flat = {k: n[k].reshape(-1) for k in ("values", "rewards", "dones")}
+    zeros = np.zeros_like(flat["dones"])
+    fns = {
+        "metta_core.compute_advantage": lambda: compute_advantage(
+            t["values"], t["rewards"], t["dones"], t["ratio"], gamma=GAMMA, gae_lambda=LAMBDA),
+        "metta_core torch scan": lambda: advantage_scan(t["values"], t["rewards"], t["dones"], t["ratio"], GAMMA, LAMBDA, RHO, C),
+        "torch loop over time": lambda: torch_time_loop(t["values"], t["rewards"], t["dones"], t["ratio"]),
+        "torchrl vec_generalized_advantage_estimate": lambda: vec_generalized_advantage_estimate(
+            GAMMA, LAMBDA, tr_value, tr_next, tr_reward, tr_done, time_dim=-2),
+        "torchrl generalized_advantage_estimate": lambda: generalized_advantage_estimate(
+            GAMMA, LAMBDA, tr_value, tr_next, tr_reward, tr_done, time_dim=-2),
+        "rllib compute_value_targets": lambda: compute_value_targets(
+            flat["values"], flat["rewards"], flat["dones"], zeros, GAMMA, LAMBDA),
+    }
+    return fns
+
+
+def make_data(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    numpy = {
+        "values": rng.standard_normal(shape).astype(np.float32),
+        "rewards": rng.standard_normal(shape).astype(np.float32),
+        "dones": (rng.random(shape) < 0.02).astype(np.float32),
+        "ratio": np.ones(shape, np.float32),
+    }
+    return {"numpy": numpy, "torch": {k: torch.from_numpy(v) for k, v in numpy.items()}}
+
+
+def measure(fns: dict[str, Callable], repeats: int, slow: set[str]) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f()  # warm-up (JIT compile, caches)
+    for i in range(repeats):
+        for name, f in fns.items():
+            if name in slow and i >= 3:
+                continue
+            start = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    c_loop = compile_c_loop()
+    results = []
+    for shape in SHAPES:
+        data = make_data(shape)
+        fns = candidates(data)
+        if c_loop is not None:
+            n = data["numpy"]
+            fns = {"C -O3 loop (anchor)": lambda: c_loop(n["values"], n["rewards"], n["dones"], n["ratio"]), **fns}
+            # the shipped kernel must agree with the anchor to the bit
+            ours = compute_advantage(*(data["torch"][k] for k in ("values", "rewards", "dones", "ratio")), gamma=GAMMA, gae_lambda=LAMBDA)
+            assert np.array_equal(ours.numpy(), fns["C -O3 loop (anchor)"]()), "kernel disagrees with the C loop"
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            med = measure(fns, args.repeats, slow={"rllib compute_value_targets", "torchrl generalized_advantage_estimate", "torch loop over time"})
+            anchor = med.get("C -O3 loop (anchor)")
+            for name, sec in med.items():
+                results.append({"shape": list(shape), "threads": threads, "name": name, "ms": sec * 1e3,
+                                "ratio_vs_c_loop": sec / anchor if anchor else None})
+    print(f"{'shape':>12} {'thr':>3}  {'kernel':<44} {'ms':>9} {'x C loop':>9}")
+    for r in results:
+        ratio = f"{r['ratio_vs_c_loop']:.2f}" if r["ratio_vs_c_loop"] is not None else "n/a"
+        print(f"{str(tuple(r['shape'])):>12} {r['threads']:>3}  {r['name']:<44} {r['ms']:>9.3f} {ratio:>9}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return {"results": results}
+
+
+if __name__ == "__main__":
+    main()
