@@ -27,6 +27,10 @@ FRAMEWORK_TRAINERS = {
 __all__ = ["TrainArgs", "main", "parse_train_args"]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the examples in the description as written and show every default."""
+
+
 def _parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep:
@@ -40,7 +44,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an agent with Metta's PPO", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     hints = get_type_hints(TrainArgs)
     defaults = TrainArgs()
     for f in dataclasses.fields(TrainArgs):
@@ -50,11 +54,11 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         default = getattr(defaults, f.name)
         kind = hints[f.name]
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata.get("help"))
             continue
         base = {int: int, float: float, str: str, Path: Path}
         convert = next((t for t in base if kind in (t, t | None)), str)
-        kwargs: dict[str, Any] = {"type": convert, "default": default}
+        kwargs: dict[str, Any] = {"type": convert, "default": default, "help": f.metadata.get("help")}
         if f.name == "framework":
             kwargs["choices"] = sorted(FRAMEWORK_TRAINERS)
         if f.name == "metrics_format":

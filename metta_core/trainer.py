@@ -29,62 +29,41 @@ RETURN_WINDOW = 100
 """Episodes in the moving window behind ``episode_return_mean`` (as in CleanRL and RLlib)."""
 
 
+def setting(default: Any, help: str) -> Any:
+    """A ``TrainArgs`` field with its one-line help (shown by ``metta-bridges train --help``)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainArgs:
     """Settings of one ``metta-bridges train`` run (shared by all frameworks)."""
 
-    framework: str = "core"
-    """core, torchrl or rllib."""
-    env: str = "CartPole-v1"
-    """A gymnasium env id with a Box observation space."""
-    seed: int = 0
-    """Seeds the env, the policy init and every sampler."""
-    total_timesteps: int = 200_000
-    """Env-step budget of the run."""
-    out_dir: Path = Path("runs/train")
-    """Where metrics, the learning curve and checkpoints go."""
-    metrics_format: str = "jsonl"
-    """jsonl or csv."""
-    save_checkpoint: Path | None = None
-    """Write a checkpoint here at the end (and every ``checkpoint_every`` iterations)."""
-    checkpoint_every: int = 0
-    """Iterations between checkpoints; 0 saves only at the end."""
-    resume: Path | None = None
-    """Continue from this checkpoint."""
-    num_envs: int = 8
-    """Parallel env copies (agents)."""
-    batch_size: int = 2048
-    """Env steps per rollout phase."""
-    bptt_horizon: int = 32
-    """Steps per buffer row."""
-    minibatch_size: int = 512
-    """Env steps per minibatch."""
-    max_minibatch_size: int = 32768
-    """Largest minibatch run at once (larger requests accumulate gradients)."""
-    update_epochs: int = 4
-    """Passes over the buffer per training phase."""
-    learning_rate: float = 2.5e-3
-    """Adam learning rate."""
-    hidden_size: int = 64
-    """Width of the two hidden layers of actor and critic."""
-    target_return: float | None = 475.0
-    """Mean episodic return (over the last 100 episodes) that counts as solved."""
-    stop_at_target: bool = True
-    """End the run as soon as ``target_return`` is reached."""
-    progress: bool = True
-    """Show a progress bar."""
-    device: str = "cpu"
-    """Torch device of the learner."""
-    ppo: dict[str, Any] = field(default_factory=dict)
-    """PPOConfig overrides by dotted path, e.g. {"vtrace.rho_clip": 0.8}."""
-    address: str | None = None
-    """rllib: address of an existing Ray cluster (default: start Ray locally)."""
-    num_learners: int = 0
-    """rllib: remote learners (0 = learn in the driver)."""
-    num_env_runners: int = 0
-    """rllib: remote env runners (0 = sample in the driver)."""
-    compare_native: bool = False
-    """torchrl/rllib: also train the framework's own PPO with the same settings."""
+    framework: str = setting("core", "core, torchrl or rllib.")
+    env: str = setting("CartPole-v1", 'A gymnasium env id with a Box observation space.')
+    seed: int = setting(0, 'Seeds the env, the policy init and every sampler.')
+    total_timesteps: int = setting(200_000, 'Env-step budget of the run.')
+    out_dir: Path = setting(Path("runs/train"), 'Where metrics, the learning curve and checkpoints go.')
+    metrics_format: str = setting("jsonl", 'jsonl or csv.')
+    save_checkpoint: Path | None = setting(None, 'Write a checkpoint here at the end (and every ``checkpoint_every`` iterations).')
+    checkpoint_every: int = setting(0, 'Iterations between checkpoints; 0 saves only at the end.')
+    resume: Path | None = setting(None, 'Continue from this checkpoint.')
+    num_envs: int = setting(8, 'Parallel env copies (agents).')
+    batch_size: int = setting(2048, 'Env steps per rollout phase.')
+    bptt_horizon: int = setting(32, 'Steps per buffer row.')
+    minibatch_size: int = setting(512, 'Env steps per minibatch.')
+    max_minibatch_size: int = setting(32768, 'Largest minibatch run at once (larger requests accumulate gradients).')
+    update_epochs: int = setting(4, 'Passes over the buffer per training phase.')
+    learning_rate: float = setting(2.5e-3, 'Adam learning rate.')
+    hidden_size: int = setting(64, 'Width of the two hidden layers of actor and critic.')
+    target_return: float | None = setting(475.0, 'Mean episodic return (over the last 100 episodes) that counts as solved.')
+    stop_at_target: bool = setting(True, 'End the run as soon as ``target_return`` is reached.')
+    progress: bool = setting(True, 'Show a progress bar.')
+    device: str = setting("cpu", 'Torch device of the learner.')
+    ppo: dict[str, Any] = field(default_factory=dict, metadata={"help": 'PPOConfig overrides by dotted path, e.g. {"vtrace.rho_clip": 0.8}.'})
+    address: str | None = setting(None, 'rllib: address of an existing Ray cluster (default: start Ray locally).')
+    num_learners: int = setting(0, 'rllib: remote learners (0 = learn in the driver).')
+    num_env_runners: int = setting(0, 'rllib: remote env runners (0 = sample in the driver).')
+    compare_native: bool = setting(False, "torchrl/rllib: also train the framework's own PPO with the same settings.")
 
     def trainer_config(self) -> TrainerConfig:
         return TrainerConfig(
