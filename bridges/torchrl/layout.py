@@ -1,0 +1,126 @@
+"""TorchRL ``[B, T]`` trajectories to Metta's ``[segments, horizon]`` layout (SPEC §1).
+
+TorchRL stores the reward and terminal flag of a transition at the index of the action that
+caused it: ``("next", "reward")[:, t]`` follows ``action[:, t]``. Metta stores them with the
+observation they led into: ``rewards[:, t+1]``. So, per row::
+
+    metta.rewards[:, t+1] = torchrl ("next", reward)[:, t]       for t = 0 … T-2
+    metta.dones[:, t+1]   = torchrl ("next", terminated)[:, t]
+    metta.rewards[:, 0] = metta.dones[:, 0] = 0                    (never read)
+
+The last step's reward and flag have no column: the last advantage of a row is 0 (SPEC §2).
+Only the *terminal* flag is used; truncation is ignored and the recursion bootstraps from the
+next column (the new episode's first observation), as Metta does.
+
+Only layout lives here: no RL formula.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.utils import NestedKey
+from torch import Tensor
+
+from metta_core.errors import MettaError
+
+TIME_DIM_NAME = "time"
+"""The tensordict dimension name TorchRL collectors give the time axis."""
+
+
+def check_batch_time(td: TensorDictBase, who: str) -> None:
+    """Check that ``td`` is laid out ``[B, T]`` with time last; raise a ``MettaError`` otherwise.
+
+    Time is the dimension named ``"time"`` when the tensordict has names, else the last batch
+    dimension (TorchRL's convention). The checks refuse, rather than guess:
+
+    - a batch with other than 2 batch dims (``[T]`` or ``[B1, B2, T]`` are ambiguous rows);
+    - names that do not mark exactly one ``"time"`` dim;
+    - a ``"time"`` dim that is not the last one (a ``[T, B]`` batch).
+    """
+    if td.batch_dims != 2:
+        raise MettaError(
+            f"{who}: expected a [B, T] tensordict (rows of consecutive steps, time last), got "
+            f"batch_size {tuple(td.batch_size)}; for one trajectory use td.unsqueeze(0), for more "
+            f"batch dims use td.reshape(-1, T)"
+        )
+    if td._has_names():
+        names = list(td.names)
+        if names.count(TIME_DIM_NAME) != 1:
+            raise MettaError(
+                f"{who}: the tensordict has dim names {names} but no single {TIME_DIM_NAME!r} dim, so "
+                f"the time axis is ambiguous; name it with td.refine_names(None, {TIME_DIM_NAME!r}) "
+                f"(for [B, T]) or clear the names with td.names = None"
+            )
+        if names.index(TIME_DIM_NAME) != 1:
+            raise MettaError(
+                f"{who}: the dim names {names} put {TIME_DIM_NAME!r} first: this is a [T, B] batch of "
+                f"shape {tuple(td.batch_size)}, but Metta's loss reads rows [B, T]; pass td.transpose(0, 1)"
+            )
+    if td.batch_size.numel() == 0:
+        raise MettaError(
+            f"{who}: empty batch (batch_size {tuple(td.batch_size)}); collect at least one step per row"
+        )
+
+
+def set_keys_hint(field: str, key: NestedKey) -> str:
+    """The call that points ``field`` at another tensordict entry, for error messages."""
+    return f"loss.set_keys({field}=<your key>) (or estimator.set_keys; currently {field}={key!r})"
+
+
+def read_bt(
+    td: TensorDictBase,
+    key: NestedKey,
+    *,
+    field: str,
+    who: str,
+    configured: NestedKey | None = None,
+    float32: bool = True,
+) -> Tensor:
+    """``td[key]`` as a ``[B, T]`` tensor (a trailing feature dim of size 1 is dropped).
+
+    With ``float32`` the entry must be float32 and finite; otherwise (flags) bool, integer or
+    floating. Every failure names the key, shape or dtype, and the ``set_keys`` call for
+    ``field`` (whose current value is ``configured``, ``key`` when not given).
+    """
+    x = td.get(key, None)
+    if x is None:
+        raise MettaError(
+            f"{who}: the input tensordict has no {key!r} entry (the {field!r} key); add it to the "
+            f"batch or map {field!r} to the entry that holds it with {set_keys_hint(field, key if configured is None else configured)}"
+        )
+    bt = tuple(td.batch_size)
+    if tuple(x.shape) == bt + (1,):
+        x = x.squeeze(-1)
+    if tuple(x.shape) != bt:
+        raise MettaError(
+            f"{who}: {key!r} ({field}) has shape {tuple(x.shape)}, expected {bt} or {bt + (1,)} "
+            f"(one scalar per step of the [B, T] batch)"
+        )
+    if float32:
+        if x.dtype != torch.float32:
+            raise MettaError(
+                f"{who}: {key!r} ({field}) has dtype {x.dtype}, expected torch.float32; cast it with "
+                f"td[{key!r}] = td[{key!r}].float()"
+            )
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise MettaError(
+                f"{who}: {key!r} ({field}) holds {bad} non-finite value(s) (NaN or inf); the loss "
+                f"would be NaN. Check the environment / network that produced {key!r}"
+            )
+    elif x.dtype.is_complex:
+        raise MettaError(f"{who}: {key!r} ({field}) has dtype {x.dtype}, expected bool, integer or float")
+    return x
+
+
+def metta_rewards_dones(next_reward: Tensor, next_terminated: Tensor) -> tuple[Tensor, Tensor]:
+    """Shift TorchRL's ``[B, T]`` ``("next", reward)`` / ``("next", terminated)`` one column right.
+
+    Returns Metta's ``rewards``, ``dones`` (float32): column ``t+1`` holds TorchRL's column ``t``,
+    column 0 is 0 (never read), TorchRL's last column is dropped (SPEC §1).
+    """
+    dones = next_terminated.to(torch.float32)
+    pad_r = next_reward.new_zeros(next_reward.shape[0], 1)
+    pad_d = dones.new_zeros(dones.shape[0], 1)
+    return torch.cat([pad_r, next_reward[:, :-1]], dim=1), torch.cat([pad_d, dones[:, :-1]], dim=1)

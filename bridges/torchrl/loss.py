@@ -1,0 +1,467 @@
+"""``MettaPPOLoss``: Metta's PPO (SPEC §4.5-4.7) as a TorchRL ``LossModule``.
+
+The loss only maps keys and layout; every number comes from
+:func:`metta_core.ppo_math.ppo_minibatch_loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from tensordict import TensorDict, TensorDictBase, TensorDictParams
+from tensordict.nn import ProbabilisticTensorDictSequential, TensorDictModule, composite_lp_aggregate
+from tensordict.utils import NestedKey
+from torch import Tensor
+from torchrl.objectives import LossModule
+from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator
+from torchrl.objectives.value import ValueEstimatorBase
+
+from metta_core.config import PPOConfig
+from metta_core.errors import MettaError
+from metta_core.ppo_math import PPOTerms, explained_variance, ppo_minibatch_loss
+
+from bridges.torchrl.estimator import MettaAdvantage
+from bridges.torchrl.layout import check_batch_time, metta_rewards_dones, read_bt
+
+COEFFICIENTS = ("clip_coef", "ent_coef", "vf_coef", "vf_clip_coef")
+"""``PPOConfig`` fields held as schedulable buffers (``loss.ent_coef = 0.005``)."""
+
+TORCHRL_ALIASES = {
+    "clip_epsilon": "clip_coef",
+    "entropy_coeff": "ent_coef",
+    "critic_coeff": "vf_coef",
+    "clip_value": "vf_clip_coef",
+}
+"""TorchRL ``ClipPPOLoss`` names accepted for the Metta coefficient with the same meaning."""
+
+ESTIMATOR_CONFIG_FIELDS = {
+    "gamma": "gamma",
+    "gae_lambda": "gae_lambda",
+    "rho_clip": "vtrace.rho_clip",
+    "c_clip": "vtrace.c_clip",
+}
+"""``make_value_estimator(MettaAdvantage, **hp)`` names and the ``PPOConfig`` path each sets."""
+
+
+class MettaPPOLoss(LossModule):
+    """Metta's clipped PPO with V-trace advantage recompute, on TorchRL ``[B, T]`` batches.
+
+    Args:
+        actor_network: a ``ProbabilisticTensorDictSequential`` (e.g. ``ProbabilisticActor``) whose
+            distribution has ``log_prob`` and ``entropy`` (Categorical for discrete actions).
+        critic_network: a ``ValueOperator`` writing the ``value`` key.
+        config: Metta's ``PPOConfig`` (defaults when ``None``); copied.
+        **overrides: ``PPOConfig`` top-level fields (``ent_coef=0.02``) or the TorchRL aliases
+            ``clip_epsilon``, ``entropy_coeff``, ``critic_coeff``, ``clip_value``.
+
+    Input: a ``[B, T]`` tensordict (time last, see ``bridges.torchrl.layout``) with the actor
+    and critic inputs, ``action``, the behaviour log-prob (``sample_log_prob`` key, following
+    the actor's ``log_prob_keys``), ``value`` recorded at collection, ``("next", reward)``,
+    ``("next", terminated)``, optionally ``advantage`` (first pass) and ``priority_weight``.
+
+    Per call (SPEC §1, §4.4-4.6), with Metta's ``rewards[:, t+1] = ("next", reward)[:, t]`` and
+    ``dones[:, t+1] = ("next", terminated)[:, t]``:
+
+        A0    = td[advantage] if present, else value_estimator(td)[advantage]  (first pass, w = 1)
+        terms = ppo_minibatch_loss(cfg, old_logprob, new_logprob, entropy, new_values,
+                                   values, rewards, dones, A0, prio_weights=td[priority_weight])
+
+    which recomputes the V-trace advantage with the new ratio, normalizes it over the call and
+    multiplies it by ``priority_weight``; ``returns = A0 + values``. Output::
+
+        loss_objective = policy_loss
+        loss_critic    = vf_coef * value_loss
+        loss_entropy   = -ent_coef * entropy          (sum of the three = Metta's loss)
+
+    plus detached logging entries ``entropy``, ``kl_approx`` (= Metta's ``approx_kl``,
+    ``((ratio - 1) - log_ratio).mean()``), ``clip_fraction``, ``importance``,
+    ``explained_variance`` (of ``A0`` over the call), and Metta's names ``policy_loss``,
+    ``value_loss``, ``approx_kl``, ``clipfrac``, ``current_logprobs``.
+
+    State (``state_dict``): the coefficient buffers, ``anneal_beta``, and as extra state the
+    config and the stats tracker (SPEC §4.7, §5), so a restored loss continues identically.
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Tensordict keys the loss reads, settable with ``loss.set_keys(name=key)``.
+
+        Attributes:
+            advantage: first-pass advantage ``A0`` (read if present, else written by the estimator).
+            value_target: written by the estimator (``A0 + value``); not read by the loss.
+            value: ``V(o_t)`` recorded at collection; also the critic's output key.
+            sample_log_prob: behaviour log-prob of ``action``; TorchRL's default name, replaced
+                by the actor's ``log_prob_keys`` when it has them.
+            action: the action taken at ``t``.
+            reward: read under ``"next"``: the reward that followed ``action[t]``.
+            done: read under ``"next"``; only TorchRL's estimators use it (Metta reads terminal flags).
+            terminated: read under ``"next"``: the terminal flag that followed ``action[t]``.
+            priority_weight: ``[B, T]`` (or ``[B, T, 1]``) segment importance weight, multiplied
+                into the advantage when present.
+        """
+
+        advantage: NestedKey = "advantage"
+        value_target: NestedKey = "value_target"
+        value: NestedKey = "state_value"
+        sample_log_prob: NestedKey | None = None
+        action: NestedKey = "action"
+        reward: NestedKey = "reward"
+        done: NestedKey = "done"
+        terminated: NestedKey = "terminated"
+        priority_weight: NestedKey = "priority_weight"
+
+        def __post_init__(self) -> None:
+            if self.sample_log_prob is None:
+                self.sample_log_prob = "sample_log_prob" if composite_lp_aggregate(nowarn=True) else "action_log_prob"
+
+    default_keys = _AcceptedKeys
+    tensor_keys: _AcceptedKeys
+    default_value_estimator = MettaAdvantage
+    _schedulable_buffers = frozenset((*COEFFICIENTS, "anneal_beta"))
+    SUPPORTED_VALUE_ESTIMATORS = (ValueEstimators.GAE, ValueEstimators.TDLambda, ValueEstimators.VTrace)
+
+    actor_network: ProbabilisticTensorDictSequential
+    critic_network: TensorDictModule
+    actor_network_params: TensorDictParams
+    critic_network_params: TensorDictParams
+    target_actor_network_params: TensorDictParams
+    target_critic_network_params: TensorDictParams
+
+    def __init__(
+        self,
+        actor_network: ProbabilisticTensorDictSequential,
+        critic_network: TensorDictModule,
+        config: PPOConfig | None = None,
+        **overrides: Any,
+    ) -> None:
+        base = (config or PPOConfig()).model_copy(deep=True)
+        _validated_update(base, {TORCHRL_ALIASES.get(k, k): v for k, v in overrides.items()}, "MettaPPOLoss")
+        if not hasattr(actor_network, "get_dist"):
+            raise MettaError(
+                f"MettaPPOLoss: actor_network must be a ProbabilisticTensorDictSequential (e.g. "
+                f"torchrl.modules.ProbabilisticActor) with get_dist, got {type(actor_network).__name__}"
+            )
+        self._in_keys = None
+        super().__init__()
+        self.convert_to_functional(actor_network, "actor_network")
+        self.convert_to_functional(critic_network, "critic_network")
+        self._base_config = base
+        device = next(iter(self.parameters()), torch.empty(0)).device
+        for name in COEFFICIENTS:
+            self.register_coeff_buffer(name, getattr(base, name), device=device, dtype=torch.float64)
+        beta0 = base.prioritized_experience_replay.prio_beta0
+        self.register_buffer("anneal_beta", torch.tensor(beta0, dtype=torch.float64, device=device))
+        self._tracker: dict[str, list[float]] = {name: [] for name in PPOTerms.STATS}
+        self._phase_explained_variance: float | None = None
+
+        log_prob_keys = getattr(actor_network, "log_prob_keys", None)
+        if log_prob_keys:
+            if len(log_prob_keys) > 1:
+                raise MettaError(
+                    f"MettaPPOLoss: the actor has several action heads (log_prob_keys {log_prob_keys}); "
+                    f"Metta's loss takes one log-prob per step: use a single distribution"
+                )
+            self.set_keys(sample_log_prob=log_prob_keys[0], action=actor_network.dist_sample_keys[0])
+
+    # --- coefficients -----------------------------------------------------------------------
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(TORCHRL_ALIASES.get(name, name), value)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in TORCHRL_ALIASES:
+            return super().__getattr__(TORCHRL_ALIASES[name])
+        return super().__getattr__(name)
+
+    @property
+    def config(self) -> PPOConfig:
+        """The ``PPOConfig`` this loss computes with: the base config plus the current buffers."""
+        cfg = self._base_config.model_copy(deep=True)
+        _validated_update(cfg, {name: float(getattr(self, name)) for name in COEFFICIENTS}, "MettaPPOLoss")
+        return cfg
+
+    # --- keys ---------------------------------------------------------------------------------
+
+    def set_keys(self, **kwargs: NestedKey) -> None:
+        """Point key names at other tensordict entries; forwarded to the value estimator."""
+        accepted = [f.name for f in fields(self._AcceptedKeys)]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise MettaError(
+                f"{type(self).__name__}.set_keys: unknown key name(s) {unknown}; accepted names are {accepted}"
+            )
+        super().set_keys(**kwargs)
+
+    def _forward_value_estimator_keys(self, **kwargs: Any) -> None:
+        estimator = self._value_estimator
+        if estimator is not None:
+            keys = self.tensor_keys
+            try:
+                estimator.set_keys(
+                    advantage=keys.advantage, value_target=keys.value_target, value=keys.value,
+                    reward=keys.reward, done=keys.done, terminated=keys.terminated,
+                    sample_log_prob=keys.sample_log_prob,
+                )
+            except KeyError as exc:
+                raise MettaError(
+                    f"{type(self).__name__}: the value estimator rejects the keys ({exc}); the critic must "
+                    f"write the value key {keys.value!r}: build it with ValueOperator(..., out_keys=[{keys.value!r}])"
+                ) from exc
+        self._in_keys = None
+
+    @property
+    def in_keys(self) -> list[NestedKey]:
+        if self._in_keys is None:
+            keys = self.tensor_keys
+            found = [*self.actor_network.in_keys, *self.critic_network.in_keys, keys.action,
+                     keys.sample_log_prob, keys.value, ("next", keys.reward), ("next", keys.terminated)]
+            self._in_keys = list(dict.fromkeys(found))
+        return self._in_keys
+
+    @in_keys.setter
+    def in_keys(self, values: list[NestedKey]) -> None:
+        self._in_keys = values
+
+    @property
+    def out_keys(self) -> list[str]:
+        return [
+            "loss_objective", "loss_critic", "loss_entropy", "entropy", "kl_approx", "clip_fraction",
+            "importance", "explained_variance", "policy_loss", "value_loss", "approx_kl", "clipfrac",
+            "current_logprobs",
+        ]
+
+    @out_keys.setter
+    def out_keys(self, values: list[str]) -> None:
+        raise MettaError(f"{type(self).__name__}.out_keys is fixed: {self.out_keys}")
+
+    # --- value estimation ---------------------------------------------------------------------
+
+    def make_value_estimator(self, value_type: Any = None, **hyperparams: Any) -> "MettaPPOLoss":
+        """Choose the first-pass advantage estimator.
+
+        - ``None`` / :class:`MettaAdvantage` (default): Metta's advantage with ``w = 1``.
+          ``gamma``, ``gae_lambda``, ``rho_clip``, ``c_clip`` hyperparameters update the loss's
+          config, so the first pass and the V-trace recompute use the same values.
+        - ``ValueEstimators.GAE`` / ``TDLambda`` / ``VTrace``: TorchRL's estimator, with Metta's
+          ``gamma``, ``gae_lambda`` and V-trace clips as defaults (``returns = A0 + value``).
+        - a ``ValueEstimatorBase`` instance or subclass: used as given.
+        """
+        if value_type is None or value_type is MettaAdvantage:
+            device = hyperparams.pop("device", None)
+            unknown = sorted(set(hyperparams) - set(ESTIMATOR_CONFIG_FIELDS))
+            if unknown:
+                raise MettaError(
+                    f"make_value_estimator(MettaAdvantage): unknown hyperparameter(s) {unknown}; "
+                    f"accepted: {sorted(ESTIMATOR_CONFIG_FIELDS)} and device"
+                )
+            _validated_update(
+                self._base_config, {ESTIMATOR_CONFIG_FIELDS[k]: v for k, v in hyperparams.items()},
+                "make_value_estimator",
+            )
+            cfg = self._base_config
+            self._value_estimator = MettaAdvantage(
+                gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, rho_clip=cfg.vtrace.rho_clip,
+                c_clip=cfg.vtrace.c_clip, value_network=self.critic_network,
+                device=device if device is not None else self._default_device,
+            )
+            self.value_type = MettaAdvantage
+        elif isinstance(value_type, ValueEstimatorBase) or (
+            isinstance(value_type, type) and issubclass(value_type, ValueEstimatorBase)
+        ):
+            LossModule.make_value_estimator(self, value_type, **hyperparams)
+        else:
+            cfg = self._base_config
+            defaults: dict[str, Any] = {"gamma": cfg.gamma}
+            if value_type in (ValueEstimators.GAE, ValueEstimators.TDLambda):
+                defaults["lmbda"] = cfg.gae_lambda
+            if value_type == ValueEstimators.VTrace:
+                defaults.update(rho_thresh=cfg.vtrace.rho_clip, c_thresh=cfg.vtrace.c_clip)
+            dispatch_value_estimator(
+                self, value_type, supported=self.SUPPORTED_VALUE_ESTIMATORS, **{**defaults, **hyperparams}
+            )
+        self._forward_value_estimator_keys()
+        return self
+
+    def first_pass(self, tensordict: TensorDictBase) -> None:
+        """Write the first-pass ``advantage`` (and ``value_target``) of a ``[B, T]`` batch in place.
+
+        Runs the value estimator with the current critic parameters, detached. TorchRL's own
+        estimators evaluate the critic on the root and ``"next"`` entries together and cannot
+        take a value recorded at the root only, so they get a view without it and use their
+        own critic values (TorchRL's semantics); the loss keeps reading the recorded values.
+        """
+        keys = self.tensor_keys
+        params = self.critic_network_params.detach()
+        if isinstance(self.value_estimator, MettaAdvantage):
+            self.value_estimator(tensordict, params=params)
+            return
+        view = tensordict.exclude(keys.value)
+        self.value_estimator(view, params=params)
+        tensordict.set(keys.advantage, view.get(keys.advantage))
+        tensordict.set(keys.value_target, view.get(keys.value_target))
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """One minibatch of Metta PPO on a ``[B, T]`` tensordict; see the class docstring."""
+        who = type(self).__name__
+        check_batch_time(tensordict, who)
+        td = tensordict.clone(False)
+        keys = self.tensor_keys
+        if td.get(keys.advantage, None) is None:
+            self.first_pass(td)
+
+        first_adv = read_bt(td, keys.advantage, field="advantage", who=who)
+        values = read_bt(td, keys.value, field="value", who=who)
+        next_reward = read_bt(td, ("next", keys.reward), field="reward", who=who, configured=keys.reward)
+        next_terminated = read_bt(
+            td, ("next", keys.terminated), field="terminated", who=who, configured=keys.terminated, float32=False
+        )
+        old_logprob = read_bt(td, keys.sample_log_prob, field="sample_log_prob", who=who)
+        prio_weights = None
+        if td.get(keys.priority_weight, None) is not None:
+            prio_weights = read_bt(td, keys.priority_weight, field="priority_weight", who=who)
+        new_logprob, entropy = self._policy_terms(td)
+        new_values = self._new_values(td)
+        rewards, dones = metta_rewards_dones(next_reward, next_terminated)
+
+        cfg = self.config
+        terms = ppo_minibatch_loss(
+            cfg, old_logprob=old_logprob.detach(), new_logprob=new_logprob, entropy=entropy,
+            new_values=new_values, values=values.detach(), rewards=rewards, dones=dones,
+            advantages=first_adv.detach(), prio_weights=prio_weights,
+        )
+        stats = terms.stats()
+        for name, value in stats.items():
+            self._tracker[name].append(value)
+        ev = explained_variance(first_adv.detach(), values.detach())
+        out = TensorDict(
+            {
+                "loss_objective": terms.policy_loss,
+                "loss_critic": cfg.vf_coef * terms.value_loss,
+                "loss_entropy": -cfg.ent_coef * terms.entropy,
+                "entropy": terms.entropy.detach(),
+                "kl_approx": terms.approx_kl,
+                "clip_fraction": terms.clipfrac,
+                "importance": terms.importance,
+                "explained_variance": torch.tensor(ev),
+                "policy_loss": terms.policy_loss.detach(),
+                "value_loss": terms.value_loss.detach(),
+                "approx_kl": terms.approx_kl,
+                "clipfrac": terms.clipfrac,
+                "current_logprobs": terms.current_logprobs,
+            },
+            batch_size=[],
+        )
+        self._clear_weakrefs(tensordict, out, "actor_network_params", "critic_network_params")
+        return out
+
+    def _require(self, td: TensorDictBase, module_keys: list[NestedKey], module: str) -> None:
+        missing = [k for k in module_keys if td.get(k, None) is None]
+        if missing:
+            raise MettaError(
+                f"{type(self).__name__}: the {module} network reads {missing}, missing from the input "
+                f"tensordict (keys: {sorted(map(str, td.keys(True, True)))})"
+            )
+
+    def _policy_terms(self, td: TensorDictBase) -> tuple[Tensor, Tensor]:
+        """``log pi(action | obs)`` and the entropy under the current parameters, ``[B, T]`` each."""
+        who = type(self).__name__
+        self._require(td, list(self.actor_network.in_keys), "actor")
+        action = td.get(self.tensor_keys.action, None)
+        if action is None:
+            raise MettaError(
+                f"{who}: the input tensordict has no {self.tensor_keys.action!r} entry (the 'action' key); "
+                f"map it with loss.set_keys(action=<your key>)"
+            )
+        if action.requires_grad:
+            raise MettaError(f"{who}: the stored action {self.tensor_keys.action!r} requires grad; detach it")
+        with self.actor_network_params.to_module(self.actor_network):
+            dist = self.actor_network.get_dist(td)
+        log_prob = dist.log_prob(action)
+        try:
+            entropy = dist.entropy()
+        except NotImplementedError as exc:
+            raise MettaError(
+                f"{who}: the actor's distribution {type(dist).__name__} has no entropy(); Metta's loss "
+                f"needs the analytic entropy: use a distribution that implements it"
+            ) from exc
+        bt = tuple(td.batch_size)
+        for name, x in (("log_prob", log_prob), ("entropy", entropy)):
+            if tuple(x.shape) != bt:
+                raise MettaError(
+                    f"{who}: the actor's {name} has shape {tuple(x.shape)}, expected {bt} (one per step); "
+                    f"for vector actions wrap the distribution in Independent(..., 1)"
+                )
+        return log_prob, entropy
+
+    def _new_values(self, td: TensorDictBase) -> Tensor:
+        """``V(o_t)`` under the current critic parameters, ``[B, T]``."""
+        self._require(td, list(self.critic_network.in_keys), "critic")
+        critic_in = td.select(*self.critic_network.in_keys)
+        with self.critic_network_params.to_module(self.critic_network):
+            out = self.critic_network(critic_in)
+        key = self.tensor_keys.value
+        if out.get(key, None) is None:
+            raise MettaError(
+                f"{type(self).__name__}: the critic writes {self.critic_network.out_keys}, not the value key "
+                f"{key!r}; use loss.set_keys(value=<the critic's out key>)"
+            )
+        return read_bt(out, key, field="value", who=f"{type(self).__name__} (critic output)")
+
+    # --- stats and state ----------------------------------------------------------------------
+
+    def zero_loss_tracker(self) -> None:
+        """Clear the tracked stats (the trainer does this when a training phase starts)."""
+        for values in self._tracker.values():
+            values.clear()
+        self._phase_explained_variance = None
+
+    def record_explained_variance(self, value: float) -> None:
+        """Set the phase's explained variance (SPEC §4: of the last whole-buffer first pass)."""
+        self._phase_explained_variance = float(value)
+
+    def stats(self) -> dict[str, float]:
+        """Mean of each tracked stat over the calls since the last ``zero_loss_tracker``
+        (SPEC §4.7), plus ``explained_variance`` of the phase and ``anneal_beta``."""
+        out = {name: sum(v) / len(v) for name, v in self._tracker.items() if v}
+        if self._phase_explained_variance is not None:
+            out["explained_variance"] = self._phase_explained_variance
+        out["anneal_beta"] = float(self.anneal_beta)
+        return out
+
+    def target_kl_reached(self, mb_idx: int) -> bool:
+        """SPEC §4.1: with ``target_kl`` set and ``mb_idx > 0``, whether the mean ``approx_kl``
+        tracked so far in the phase exceeds it (then: evaluate this minibatch, skip its step, stop)."""
+        target = self._base_config.target_kl
+        tracked = self._tracker["approx_kl"]
+        return target is not None and mb_idx > 0 and bool(tracked) and sum(tracked) / len(tracked) > target
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "config": self._base_config.model_dump(),
+            "tracker": {name: list(v) for name, v in self._tracker.items()},
+            "explained_variance": self._phase_explained_variance,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        expected = {"config", "tracker", "explained_variance"}
+        if set(state) != expected:
+            raise MettaError(
+                f"{type(self).__name__}.load_state_dict: extra state has keys {sorted(state)}, expected "
+                f"{sorted(expected)}; the checkpoint was not written by this loss"
+            )
+        self._base_config = PPOConfig.model_validate(state["config"])
+        self._tracker = {name: list(state["tracker"].get(name, [])) for name in PPOTerms.STATS}
+        self._phase_explained_variance = state["explained_variance"]
+
+
+def _validated_update(cfg: PPOConfig, updates: dict[str, Any], who: str) -> None:
+    """``cfg.update(updates)`` with range errors reported as ``MettaError``."""
+    try:
+        cfg.update(updates)
+    except ValidationError as exc:
+        raise MettaError(f"{who}: invalid PPOConfig value(s) {updates}: {exc}") from exc

@@ -1,0 +1,277 @@
+"""TorchRL training run: ``metta-bridges train --framework torchrl`` and ``examples/torchrl_cartpole.py``.
+
+Pipeline: a batched gymnasium env wrapped by TorchRL's ``GymWrapper`` -> ``Collector`` with the
+actor and critic (the critic records ``state_value`` at collection) -> ``[num_envs, S]`` batch
+reshaped into ``[segments, bptt_horizon]`` rows -> ``MettaSegmentSampler`` minibatches ->
+``MettaPPOLoss`` -> Adam with Metta's settings and ``clip_grad_norm_(max_grad_norm)``.
+With ``compare_native`` the same pipeline trains TorchRL's ``ClipPPOLoss`` + ``GAE`` instead.
+
+Checkpoints hold the actor and critic, optimizer, loss ``state_dict`` (coefficients,
+``anneal_beta``, stat tracker, config), sampler generator, torch RNG, trainer epoch and step
+count, the return window, the pickled gymnasium sub-envs and the collector's carried
+tensordict (current observations and running episode returns). A resumed run therefore
+continues exactly like the uninterrupted one (tested bit for bit), relying on one private
+TorchRL attribute, ``Collector._carrier``, as TorchRL 0.14 has no public way to restore it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModule, TensorDictSequential
+from torchrl.collectors import Collector
+from torchrl.envs import GymWrapper, RewardSum, TransformedEnv
+from torchrl.modules import ProbabilisticActor, ValueOperator
+from torchrl.objectives import ClipPPOLoss
+from torchrl.objectives.value import GAE
+
+from metta_core.errors import MettaError
+from metta_core.policy import mlp
+from metta_core.runlog import RunLogger
+from metta_core.trainer import ReturnTracker, TrainArgs
+
+from bridges.torchrl.layout import TIME_DIM_NAME
+from bridges.torchrl.loss import MettaPPOLoss
+from bridges.torchrl.sampler import MettaSegmentSampler
+
+
+def make_env(env_id: str, num_envs: int, seed: int) -> TransformedEnv:
+    """``num_envs`` copies of ``env_id`` stepped in this process, with episode returns.
+
+    gymnasium's ``SyncVectorEnv`` with auto-reset disabled is what TorchRL's ``GymWrapper``
+    prefers (TorchRL resets finished copies itself, so ``("next", "observation")`` is the true
+    last observation); ``GymEnv(..., num_envs=n)`` would start ``n`` subprocesses instead.
+    ``RewardSum`` writes the running episodic return to ``episode_reward``.
+    """
+    venv = gym.make_vec(
+        env_id, num_envs=num_envs, vectorization_mode="sync",
+        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED},
+    )
+    if not isinstance(venv.single_action_space, gym.spaces.Discrete):
+        raise MettaError(
+            f"bridges.torchrl.train builds a Categorical actor and needs a Discrete action space; {env_id} has "
+            f"{venv.single_action_space}. MettaPPOLoss itself takes any actor distribution with log_prob/entropy"
+        )
+    env = TransformedEnv(GymWrapper(venv, categorical_action_encoding=True), RewardSum())
+    env.set_seed(seed)
+    return env
+
+
+def make_actor_critic(env: TransformedEnv, hidden_size: int) -> tuple[ProbabilisticActor, ValueOperator]:
+    """Separate tanh MLPs (two hidden layers, the core's init): a Categorical actor and a critic."""
+    obs_dim = env.observation_spec["observation"].shape[-1]
+    n_actions = env.action_spec.space.n
+    hidden = (hidden_size, hidden_size)
+    actor = ProbabilisticActor(
+        TensorDictModule(mlp(obs_dim, hidden, n_actions, 0.01), in_keys=["observation"], out_keys=["logits"]),
+        in_keys=["logits"], spec=env.full_action_spec, distribution_class=torch.distributions.Categorical,
+        return_log_prob=True,
+    )
+    critic = ValueOperator(mlp(obs_dim, hidden, 1, 1.0), in_keys=["observation"])
+    return actor, critic
+
+
+def native_clip_ppo(actor: ProbabilisticActor, critic: ValueOperator, args: TrainArgs) -> ClipPPOLoss:
+    """TorchRL's own ``ClipPPOLoss`` + ``GAE`` with Metta's coefficients where they mean the same.
+
+    TorchRL's ``"l2"`` critic loss has no 1/2 factor, so ``critic_coeff = vf_coef / 2``.
+    """
+    cfg = args.ppo_config()
+    loss = ClipPPOLoss(
+        actor, critic, clip_epsilon=cfg.clip_coef, entropy_coeff=cfg.ent_coef, critic_coeff=cfg.vf_coef / 2,
+        loss_critic_type="l2", normalize_advantage=cfg.norm_adv,
+        clip_value=cfg.vf_clip_coef if cfg.clip_vloss else None,
+    )
+    loss.make_value_estimator(GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic))
+    return loss
+
+
+class TorchRLRun:
+    """Everything a TorchRL training run holds, built from ``TrainArgs``."""
+
+    def __init__(self, args: TrainArgs) -> None:
+        self.args = args
+        self.sizes = args.trainer_config().sizes
+        self.ppo_cfg = args.ppo_config()
+        if args.batch_size % args.num_envs or (args.batch_size // args.num_envs) % args.bptt_horizon:
+            raise MettaError(
+                f"batch_size ({args.batch_size}) must be num_envs ({args.num_envs}) x a multiple of bptt_horizon "
+                f"({args.bptt_horizon}) so every env's steps split into whole rows; e.g. batch_size = "
+                f"{args.num_envs * args.bptt_horizon * max(1, args.batch_size // (args.num_envs * args.bptt_horizon))}"
+            )
+        if args.device != "cpu":
+            raise MettaError(f"bridges.torchrl.train runs on CPU only, got device={args.device!r}; use --device cpu")
+        torch.manual_seed(args.seed)
+        self.env = make_env(args.env, args.num_envs, args.seed)
+        self.actor, self.critic = make_actor_critic(self.env, args.hidden_size)
+        self.policy = TensorDictSequential(self.actor, self.critic)
+        self.native = args.compare_native
+        if self.native:
+            self.loss: MettaPPOLoss | ClipPPOLoss = native_clip_ppo(self.actor, self.critic, args)
+        else:
+            self.loss = MettaPPOLoss(self.actor, self.critic, self.ppo_cfg)
+        # Metta's optimizer: Adam(beta1=0.9, beta2=0.999, eps=1e-12)
+        self.optimizer = torch.optim.Adam(self.loss.parameters(), lr=args.learning_rate, eps=1e-12)
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.sampler = MettaSegmentSampler(
+            self.loss, minibatch_segments=self.sizes["minibatch_segments"], total_timesteps=args.total_timesteps,
+            update_epochs=args.update_epochs, generator=self.generator,
+        ) if not self.native else None
+        self.collector = Collector(
+            self.env, self.policy, frames_per_batch=args.batch_size, total_frames=-1,
+            auto_register_policy_transforms=False,
+        )
+        self._batches = iter(self.collector)
+        self.returns = ReturnTracker(args.target_return)
+        self.epoch = 0
+        self.env_steps = 0
+
+    def iteration(self) -> dict[str, float]:
+        """Collect one batch and train on it; returns the row to log."""
+        started = time.perf_counter()
+        data = next(self._batches)
+        self.env_steps += data.numel()
+        done = data["next", "done"]
+        self.returns.add(data["next", "episode_reward"][done].tolist(), self.env_steps)
+        stats = self._train_native(data) if self.native else self._train_metta(data)
+        self.epoch += 1
+        return {
+            "env_steps": self.env_steps,
+            "epoch": self.epoch,
+            "episode_return_mean": self.returns.mean,
+            "episodes": self.returns.episodes,
+            "steps_per_second": data.numel() / (time.perf_counter() - started),
+            **stats,
+        }
+
+    def _step(self, loss_td: TensorDictBase, mb_idx: int) -> None:
+        """Backward; every ``accumulate_minibatches`` minibatches clip and step (SPEC §4.8)."""
+        accumulate = self.sizes["accumulate_minibatches"]
+        if mb_idx % accumulate == 0:
+            self.optimizer.zero_grad()
+        sum(v for k, v in loss_td.items() if k.startswith("loss_")).backward()
+        if (mb_idx + 1) % accumulate == 0:
+            torch.nn.utils.clip_grad_norm_(self.loss.parameters(), self.ppo_cfg.max_grad_norm)
+            self.optimizer.step()
+
+    def _train_metta(self, data: TensorDictBase) -> dict[str, float]:
+        rows = data.reshape(-1, self.args.bptt_horizon)  # each env's steps cut into consecutive rows
+        rows.names = [None, TIME_DIM_NAME]
+        for mb_idx, minibatch in self.sampler.phase(rows, epoch=self.epoch):
+            stop = self.loss.target_kl_reached(mb_idx)
+            loss_td = self.loss(minibatch)
+            if stop:
+                break
+            self._step(loss_td, mb_idx)
+        return self.loss.stats()
+
+    def _train_native(self, data: TensorDictBase) -> dict[str, float]:
+        """TorchRL's recipe: GAE over the whole ``[num_envs, S]`` batch, uniform flat minibatches."""
+        data = data.exclude(self.loss.tensor_keys.value)  # GAE evaluates the critic on obs and next obs itself
+        with torch.no_grad():
+            self.loss.value_estimator(data, params=self.loss.critic_network_params.detach())
+        flat = data.reshape(-1)
+        mb_size = self.sizes["minibatch_size"]
+        tracked: dict[str, list[float]] = {}
+        count = 0
+        for _ in range(self.args.update_epochs):
+            order = torch.randperm(flat.numel(), generator=self.generator)
+            for start in range(0, flat.numel(), mb_size):
+                loss_td = self.loss(flat[order[start:start + mb_size]])
+                self._step(loss_td, count)
+                count += 1
+                for k, v in loss_td.items():
+                    tracked.setdefault(k, []).append(float(v.detach()))
+        return {k: sum(v) / len(v) for k, v in tracked.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        venv = self.env.base_env._env
+        return {
+            "args": dataclasses.asdict(self.args),
+            "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loss": self.loss.state_dict(),
+            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": self.epoch,
+            "env_steps": self.env_steps,
+            "returns": self.returns.state_dict(),
+            "sub_envs": pickle.dumps(venv.envs),
+            "carrier": self.collector._carrier.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = {k: v for k, v in state["args"].items() if k in ("env", "num_envs", "batch_size", "bptt_horizon",
+                                                                 "hidden_size", "compare_native")}
+        current = {k: getattr(self.args, k) for k in saved}
+        if saved != current:
+            raise MettaError(f"resume: the checkpoint was made with {saved}, this run has {current}; use the same settings")
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss.load_state_dict(state["loss"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        self.generator.set_state(state["generator"])
+        self.epoch = state["epoch"]
+        self.env_steps = state["env_steps"]
+        self.returns.load_state_dict(state["returns"])
+        self.env.base_env._env.envs = pickle.loads(state["sub_envs"])
+        self.collector._carrier = state["carrier"].clone()
+        torch.set_rng_state(state["torch_rng"])
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: Path) -> None:
+        if not Path(path).exists():
+            raise MettaError(f"checkpoint {path} does not exist; check --resume")
+        self.load_state_dict(torch.load(path, weights_only=False))
+
+    def close(self) -> None:
+        self.collector.shutdown()
+
+
+def train(args: TrainArgs) -> dict[str, Any]:
+    """Train with Metta's PPO in TorchRL (TorchRL's ClipPPOLoss with ``compare_native``); returns a summary."""
+    run = TorchRLRun(args)
+    if args.resume is not None:
+        run.load(args.resume)
+    name = "torchrl-native" if run.native else "torchrl"
+    logger = RunLogger(
+        args.out_dir, args.total_timesteps, metrics_format=args.metrics_format, progress=args.progress,
+        resume=args.resume is not None, title=f"{name} {args.env} seed {args.seed}",
+    )
+    started = time.perf_counter()
+    iteration = 0
+    try:
+        while run.env_steps < args.total_timesteps:
+            logger.log(run.iteration())
+            iteration += 1
+            if args.save_checkpoint and args.checkpoint_every and iteration % args.checkpoint_every == 0:
+                run.save(args.save_checkpoint)
+            if args.stop_at_target and run.returns.reached:
+                break
+        if args.save_checkpoint:
+            run.save(args.save_checkpoint)
+    finally:
+        curve = logger.close()
+        run.close()
+    return {
+        "framework": name,
+        "env_steps": run.env_steps,
+        "episode_return_mean": run.returns.mean,
+        "steps_to_target": run.returns.steps_to_target,
+        "wall_time_s": time.perf_counter() - started,
+        "metrics": str(logger.metrics_path),
+        "learning_curve": str(curve),
+    }

@@ -1,0 +1,70 @@
+"""Train CartPole-v1 with Metta's PPO inside TorchRL (or TorchRL's own ClipPPOLoss with --native).
+
+    python examples/torchrl_cartpole.py                  # MettaPPOLoss + Metta's segment sampler
+    python examples/torchrl_cartpole.py --native         # ClipPPOLoss + GAE, same pipeline
+    python examples/torchrl_cartpole.py --seed 2 --out-dir runs/cartpole-s2
+
+The loop, step by step (the pieces live in bridges/torchrl/train.py):
+
+    env       = make_env("CartPole-v1", num_envs, seed)        # batched GymWrapper + RewardSum
+    actor, critic = make_actor_critic(env, hidden_size)         # Categorical actor, ValueOperator
+    loss      = MettaPPOLoss(actor, critic, PPOConfig())        # Metta's defaults for every coefficient
+    sampler   = MettaSegmentSampler(loss, minibatch_segments=..., total_timesteps=..., generator=...)
+    collector = Collector(env, TensorDictSequential(actor, critic), frames_per_batch=batch_size)
+    for data in collector:                                      # [num_envs, batch_size / num_envs]
+        rows = data.reshape(-1, bptt_horizon)                   # Metta's [segments, horizon] rows
+        for mb_idx, minibatch in sampler.phase(rows, epoch=i):  # priority_weight set per row
+            losses = loss(minibatch)
+            (losses["loss_objective"] + losses["loss_critic"] + losses["loss_entropy"]).backward()
+            clip_grad_norm_(loss.parameters(), max_grad_norm); optimizer.step(); optimizer.zero_grad()
+
+Only sizes, learning rate and network width are tuned here (the defaults below); the PPO
+coefficients are Metta's ``PPOConfig`` defaults. Metrics go to ``<out-dir>/metrics.jsonl``
+and the learning curve to ``<out-dir>/learning_curve.png``.
+
+Recorded result (seed 1, these settings, torch 2.13 CPU, torchrl 0.14.1): the mean return over
+the last 100 episodes reached 479 (>= 475) after 292,864 env steps (143 iterations), in 41 min
+of wall time on 2 heavily shared CPU cores. The curve is not monotone: it reached 458 at 170k
+steps, fell to 250 and climbed again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bridges.torchrl.train import train
+from metta_core.trainer import TrainArgs
+
+# The settings this example was tuned with (results in the module docstring).
+EXAMPLE_SETTINGS = dict(
+    num_envs=16,
+    batch_size=2048,  # env steps per rollout: 16 envs x 128 steps
+    bptt_horizon=32,  # steps per Metta row (segment)
+    minibatch_size=512,  # 16 rows per minibatch, 4 minibatches per update epoch
+    update_epochs=4,
+    learning_rate=1e-3,
+    hidden_size=64,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--total-timesteps", type=int, default=500_000)
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/torchrl_cartpole"))
+    parser.add_argument("--native", action="store_true", help="train TorchRL's ClipPPOLoss + GAE instead")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="save a checkpoint here at the end")
+    parser.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint")
+    cli = parser.parse_args()
+    args = TrainArgs(
+        framework="torchrl", env="CartPole-v1", seed=cli.seed, total_timesteps=cli.total_timesteps,
+        out_dir=cli.out_dir, save_checkpoint=cli.checkpoint, resume=cli.resume, compare_native=cli.native,
+        target_return=475.0, **EXAMPLE_SETTINGS,
+    )
+    print(json.dumps(train(args), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
