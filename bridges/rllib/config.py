@@ -1,0 +1,154 @@
+"""``metta_ppo_config``: an RLlib ``PPOConfig`` that trains with Metta's PPO (SPEC §4).
+
+Metta's settings are validated by ``metta_core.config`` and stored once, in
+``config.learner_config_dict["metta"]``. Where RLlib has a field of the same meaning it is set to
+the same value, and ``metta_settings`` refuses a config whose copies disagree (so a later
+``config.training(clip_param=...)`` cannot silently diverge from what the learner uses).
+
+=============================  ===============================  ==================================
+Metta field                    RLlib ``PPOConfig`` field        note
+=============================  ===============================  ==================================
+``clip_coef``                  ``clip_param``                   same meaning
+``ent_coef``                   ``entropy_coeff``                same meaning (no schedule)
+``gae_lambda``                 ``lambda_``                      same meaning
+``gamma``                      ``gamma``                        same meaning
+``max_grad_norm``              ``grad_clip`` (``global_norm``)  Metta: ``clip_grad_norm_``
+``vf_coef``                    ``vf_loss_coeff``                same meaning
+``vf_clip_coef``               (none)                           Metta clips the value *change*;
+                                                                RLlib's ``vf_clip_param`` clips
+                                                                the squared error: not used
+``target_kl``                  (none)                           Metta's early stop (SPEC §4.1);
+                                                                RLlib's ``kl_target`` drives an
+                                                                adaptive KL loss, switched off
+                                                                (``use_kl_loss=False``)
+``norm_adv``, ``clip_vloss``,  (none)                           ``learner_config_dict["metta"]``
+``vtrace.*``, ``prioritized_
+experience_replay.*``,
+``l2_*_loss_coef``
+``batch_size``                 ``train_batch_size_per_learner`` env steps per learner and update
+``minibatch_size``             ``minibatch_size``               env steps per minibatch
+``update_epochs``              ``num_epochs``                   passes per update
+``bptt_horizon``               (none)                           columns of a row (segment)
+``max_minibatch_size``,        (none)                           accumulation; beta annealing
+``total_timesteps``
+=============================  ===============================  ==================================
+
+RLlib settings fixed here: ``use_kl_loss=False``, ``shuffle_batch_per_epoch=False`` (Metta samples
+whole segments), ``add_default_connectors_to_learner_pipeline=False`` (``MettaLayoutConnector`` is
+the learner pipeline), ``learner_class=MettaPPOLearner``. The learning rate stays RLlib's
+``lr`` (``config.training(lr=...)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from ray.rllib.algorithms.ppo import PPOConfig as RLlibPPOConfig
+
+from metta_core.config import PPOConfig, TrainerConfig
+from metta_core.errors import MettaError
+
+METTA_KEY = "metta"
+"""Key of Metta's settings in ``AlgorithmConfig.learner_config_dict``."""
+
+TRAINER_DEFAULTS = {"batch_size": 4096, "bptt_horizon": 64, "minibatch_size": 1024, "update_epochs": 1}
+"""Trainer sizes used when not given (Metta's own defaults are sized for 500k-step batches)."""
+
+_OVERLAP = (
+    ("clip_coef", "clip_param"),
+    ("ent_coef", "entropy_coeff"),
+    ("gae_lambda", "lambda_"),
+    ("gamma", "gamma"),
+    ("max_grad_norm", "grad_clip"),
+    ("vf_coef", "vf_loss_coeff"),
+)
+_TRAINER_OVERLAP = (
+    ("batch_size", "train_batch_size_per_learner"),
+    ("minibatch_size", "minibatch_size"),
+    ("update_epochs", "num_epochs"),
+)
+
+
+def _validated(kind: str, build):
+    try:
+        return build()
+    except ValidationError as exc:
+        raise MettaError(f"metta_ppo_config: invalid {kind} setting(s): {exc}") from None
+
+
+def metta_ppo_config(env: Any = None, **metta_fields: Any) -> RLlibPPOConfig:
+    """An RLlib ``PPOConfig`` wired to ``MettaPPOLearner`` with Metta's settings.
+
+    ``metta_fields`` are Metta ``PPOConfig`` fields (nested ones as dotted keys,
+    ``**{"vtrace.rho_clip": 0.8}``, or as dicts, ``vtrace={"rho_clip": 0.8}``) and ``TrainerConfig``
+    fields (``batch_size``, ``bptt_horizon``, ``minibatch_size``, ``max_minibatch_size``,
+    ``update_epochs``, ``total_timesteps``). Unknown names and out-of-range values raise
+    ``MettaError``. See the module docstring for the mapping onto RLlib's fields.
+    """
+    from bridges.rllib.learner import MettaPPOLearner
+
+    fields = dict(metta_fields)
+    trainer_kw = {**TRAINER_DEFAULTS, **{k: fields.pop(k) for k in list(fields) if k in TrainerConfig.model_fields}}
+    dotted = {k: fields.pop(k) for k in list(fields) if "." in k}
+    ppo = _validated("PPOConfig", lambda: PPOConfig(**fields).update(dotted))
+    trainer = _validated("TrainerConfig", lambda: TrainerConfig(**trainer_kw))
+    config = RLlibPPOConfig()
+    if env is not None:
+        config.environment(env)
+    config.training(
+        **{rllib: getattr(ppo, metta) for metta, rllib in _OVERLAP},
+        **{rllib: getattr(trainer, metta) for metta, rllib in _TRAINER_OVERLAP},
+        grad_clip_by="global_norm",
+        use_kl_loss=False,
+        kl_coeff=0.0,
+        use_critic=True,
+        use_gae=True,
+        shuffle_batch_per_epoch=False,
+    )
+    config.learners(
+        learner_class=MettaPPOLearner,
+        add_default_connectors_to_learner_pipeline=False,
+        learner_config_dict={
+            METTA_KEY: {
+                "ppo": ppo.model_dump(),
+                "bptt_horizon": trainer.bptt_horizon,
+                "max_minibatch_size": trainer.max_minibatch_size,
+                "total_timesteps": trainer.total_timesteps,
+            }
+        },
+    )
+    return config
+
+
+def metta_settings(config) -> tuple[PPOConfig, TrainerConfig]:
+    """Metta's ``(PPOConfig, TrainerConfig)`` of an ``AlgorithmConfig`` built by ``metta_ppo_config``.
+
+    Raises ``MettaError`` if the settings are missing or if an RLlib field listed in the mapping
+    table was changed without its Metta twin.
+    """
+    stored = (config.learner_config_dict or {}).get(METTA_KEY)
+    if stored is None:
+        raise MettaError(
+            f"config.learner_config_dict has no {METTA_KEY!r} entry; build the config with "
+            f"bridges.rllib.metta_ppo_config(...) so the Metta PPO settings are known"
+        )
+    ppo = _validated("PPOConfig", lambda: PPOConfig.model_validate(stored["ppo"]))
+    for metta, rllib in _OVERLAP:
+        if getattr(config, rllib) != getattr(ppo, metta):
+            raise MettaError(
+                f"config.{rllib} ({getattr(config, rllib)}) differs from Metta's {metta} ({getattr(ppo, metta)}); "
+                f"set Metta fields through metta_ppo_config({metta}=...) so both copies agree"
+            )
+    trainer = _validated(
+        "TrainerConfig",
+        lambda: TrainerConfig(
+            batch_size=config.train_batch_size_per_learner,
+            minibatch_size=config.minibatch_size,
+            update_epochs=config.num_epochs,
+            bptt_horizon=stored["bptt_horizon"],
+            max_minibatch_size=stored["max_minibatch_size"],
+            total_timesteps=stored["total_timesteps"],
+        ),
+    )
+    return ppo, trainer

@@ -1,0 +1,275 @@
+"""RLlib episodes -> Metta's ``[segments, horizon]`` rows (SPEC §1), and checks of such batches.
+
+Index convention. RLlib's row ``t`` of an episode holds ``(o_t, a_t, r_t)``: the reward sits at
+the index of the action that caused it. Metta's column ``t`` holds ``o_t``, ``a_t`` and the
+reward/terminal flag that *led into* ``o_t``, so ``metta.rewards[t+1] == rllib.reward[t]`` and
+``metta.dones[t+1] == rllib.terminated[t]``; column 0 of rewards and dones is never read.
+
+Layout chosen here: episode chunks packed into continuous rows, like one agent's stream.
+
+- An episode chunk of ``L`` steps has ``L + 1`` observations ``o_0 .. o_L``; it becomes ``L + 1``
+  slots: slot ``t < L`` holds ``o_t, a_t`` and the reward ``r_{t-1}`` that led into ``o_t``
+  (0 at ``t = 0``); slot ``L`` holds ``o_L``, ``r_{L-1}`` and ``done = terminated``, and no action
+  (``Columns.LOSS_MASK`` False). Its value ``V(o_L)`` is the bootstrap of a truncated chunk.
+- Chunks are laid end to end and the stream is cut into rows of ``horizon`` columns, as Metta's
+  rows are cut (a row's last column is a trained step with advantage 0, SPEC §1-2). Terminated
+  chunks come first: after a terminal slot (``done = 1``) the recursion stops, so whatever follows
+  (the next chunk, padding) never reaches a valid slot; this is Metta's own stream across episode
+  boundaries, with one masked slot for the terminal observation.
+- A truncated chunk (an episode still running, or cut by RLlib's rollout fragment) is placed so
+  that its slot ``L`` lands in the last column of a row, after masked padding slots if needed.
+  ``A[:, horizon-1] = 0`` makes that slot a pure bootstrap:
+  ``A[L-1] = rho * (r_{L-1} + gamma * V(o_L) - V(o_{L-1}))``, RLlib's truncation handling.
+- Padding (zeros, mask False) only ever precedes a chunk or closes the last row, and the recursion
+  only looks forward, so padding never influences a valid slot. RLlib's sampled chunks do not say
+  which chunk followed which on the same sub-environment, so the rows are not Metta's exact
+  per-agent streams; the advantages of every valid slot are the same as in such a stream.
+
+``Columns.ADVANTAGES`` holds the first-pass advantages ``A0`` (``compute_advantage`` with ratio 1,
+zero on masked slots); ``Columns.VF_PREDS`` the values of the module before the update.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
+from ray.rllib.utils.annotations import override
+
+from metta_core.advantage import compute_advantage
+from metta_core.config import PPOConfig
+from metta_core.errors import MettaError
+
+
+class MettaColumns:
+    """Batch columns of the Metta layout that RLlib's ``Columns`` has no name for."""
+
+    PRIO_WEIGHTS = "metta_prio_weights"
+    """Per-slot importance weight ``(segments * p[idx]) ** -beta`` of the sampled segment (SPEC §4.3)."""
+
+
+LAYOUT_COLUMNS = (
+    Columns.OBS,
+    Columns.ACTIONS,
+    Columns.ACTION_LOGP,
+    Columns.VF_PREDS,
+    Columns.REWARDS,
+    Columns.TERMINATEDS,
+    Columns.LOSS_MASK,
+    Columns.ADVANTAGES,
+)
+"""Columns of a Metta-layout batch, each flat ``[segments * horizon, ...]`` in row-major order."""
+
+_FLOAT_COLUMNS = (Columns.ACTION_LOGP, Columns.VF_PREDS, Columns.REWARDS, Columns.ADVANTAGES)
+
+_FIX = (
+    "build the batch with bridges.rllib.MettaLayoutConnector (or lay it out as documented in "
+    "bridges/rllib/layout.py)"
+)
+
+
+def check_metta_batch(batch: Mapping[str, Any], horizon: int, *, where: str) -> int:
+    """Check a Metta-layout batch; return its number of segments.
+
+    Every column of ``LAYOUT_COLUMNS`` must be a tensor whose first dimension is
+    ``segments * horizon``; float columns float32 and finite; ``Columns.LOSS_MASK`` bool.
+    Raises ``MettaError`` naming the column, what it got, what was expected and the fix.
+    """
+    missing = [c for c in LAYOUT_COLUMNS if c not in batch]
+    if missing:
+        raise MettaError(
+            f"{where}: batch is missing column(s) {missing} (RLlib Columns); a Metta-layout batch "
+            f"needs {list(LAYOUT_COLUMNS)}; {_FIX}"
+        )
+    n = None
+    for col in LAYOUT_COLUMNS:
+        x = batch[col]
+        if not isinstance(x, torch.Tensor):
+            raise MettaError(f"{where}: column {col!r} must be a torch.Tensor, got {type(x).__name__}; {_FIX}")
+        if x.dim() == 0:
+            raise MettaError(f"{where}: column {col!r} is a scalar; expected [segments * horizon, ...]; {_FIX}")
+        if n is None:
+            n = x.shape[0]
+        if x.shape[0] != n or (col != Columns.OBS and col != Columns.ACTIONS and x.dim() != 1):
+            raise MettaError(
+                f"{where}: column {col!r} has shape {tuple(x.shape)}, expected ({n},) like column "
+                f"{Columns.OBS!r} (one entry per slot, [segments * horizon] flat); {_FIX}"
+            )
+    if n % horizon:
+        raise MettaError(
+            f"{where}: the batch has {n} slots, not a multiple of bptt_horizon ({horizon}); a Metta batch is "
+            f"[segments, horizon] rows flattened; {_FIX}"
+        )
+    for col in _FLOAT_COLUMNS:
+        x = batch[col]
+        if x.dtype != torch.float32:
+            raise MettaError(f"{where}: column {col!r} must be float32, got {x.dtype}; convert with .float()")
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise MettaError(
+                f"{where}: column {col!r} has {bad} non-finite value(s) (NaN or inf); fix the environment or "
+                f"wrap it to emit finite {col}"
+            )
+    if batch[Columns.LOSS_MASK].dtype != torch.bool:
+        raise MettaError(f"{where}: column {Columns.LOSS_MASK!r} must be bool, got {batch[Columns.LOSS_MASK].dtype}")
+    dones = batch[Columns.TERMINATEDS]
+    if not (dones.dtype == torch.bool or dones.is_floating_point()):
+        raise MettaError(f"{where}: column {Columns.TERMINATEDS!r} must be bool or float, got {dones.dtype}")
+    return n // horizon
+
+
+def _episode_slots(episode) -> dict[str, np.ndarray]:
+    """One episode chunk as its ``L + 1`` Metta slots (see module docstring), numpy."""
+    length = len(episode)
+    obs = np.asarray(episode.get_observations())
+    actions = np.asarray(episode.get_actions())
+    rewards = np.asarray(episode.get_rewards(), dtype=np.float32)
+    try:
+        logp = np.asarray(episode.get_extra_model_outputs(Columns.ACTION_LOGP), dtype=np.float32)
+    except KeyError:
+        raise MettaError(
+            f"MettaLayoutConnector: episode {episode.id_!r} has no extra model output {Columns.ACTION_LOGP!r}; "
+            f"the RLModule's exploration forward must return {Columns.ACTION_DIST_INPUTS!r} so that RLlib "
+            f"stores the action log-probabilities"
+        ) from None
+    if obs.shape[0] != length + 1 or actions.shape[0] != length or logp.shape[0] != length:
+        raise MettaError(
+            f"MettaLayoutConnector: episode {episode.id_!r} has {obs.shape[0]} observations, {actions.shape[0]} "
+            f"actions and {logp.shape[0]} {Columns.ACTION_LOGP!r} for length {length}; expected {length + 1}, "
+            f"{length}, {length}"
+        )
+    if not np.isfinite(rewards).all():
+        raise MettaError(
+            f"MettaLayoutConnector: column {Columns.REWARDS!r} of episode {episode.id_!r} has non-finite "
+            f"value(s) (NaN or inf) at steps {np.flatnonzero(~np.isfinite(rewards)).tolist()[:10]}; "
+            f"fix the environment or wrap it to emit finite rewards"
+        )
+
+    def append(values: np.ndarray, last) -> np.ndarray:
+        return np.concatenate([values, np.full((1, *values.shape[1:]), last, dtype=values.dtype)])
+
+    dones = np.zeros(length + 1, dtype=np.float32)
+    dones[length] = float(episode.is_terminated)
+    return {
+        Columns.OBS: obs,
+        Columns.ACTIONS: append(actions, 0),
+        Columns.ACTION_LOGP: append(logp, 0.0),
+        # metta.rewards[t+1] = rllib.rewards[t]; metta.dones[L] = terminated.
+        Columns.REWARDS: np.concatenate([np.zeros(1, dtype=np.float32), rewards]),
+        Columns.TERMINATEDS: dones,
+        Columns.LOSS_MASK: append(np.ones(length, dtype=bool), False),
+    }
+
+
+def pack_chunks(episodes: list, horizon: int) -> dict[str, np.ndarray] | None:
+    """Lay episode chunks end to end into rows of ``horizon`` (see module docstring); ``None`` if empty.
+
+    Terminated chunks first, in order; each truncated chunk is preceded by the padding that puts its
+    last slot in a row's last column; masked padding closes the last row.
+    """
+    ordered = [e for e in episodes if e.is_terminated] + [e for e in episodes if not e.is_terminated]
+    pieces: list[dict[str, np.ndarray]] = []
+    fill = 0
+    for episode in ordered:
+        slots = _episode_slots(episode)
+        n = len(slots[Columns.OBS])
+        pad = 0 if episode.is_terminated else -(fill + n) % horizon
+        if pad:
+            pieces.append(_padding_like(slots, pad))
+        pieces.append(slots)
+        fill = (fill + pad + n) % horizon
+    if not pieces:
+        return None
+    if fill:
+        pieces.append(_padding_like(pieces[-1], horizon - fill))
+    return {c: np.concatenate([p[c] for p in pieces]) for c in pieces[0]}
+
+
+def _padding_like(slots: Mapping[str, np.ndarray], num_slots: int) -> dict[str, np.ndarray]:
+    return {c: np.zeros((num_slots, *v.shape[1:]), dtype=v.dtype) for c, v in slots.items()}
+
+
+def empty_slots(module, num_slots: int) -> dict[str, np.ndarray]:
+    """``num_slots`` fully masked padding slots for ``module``'s spaces (zeros, mask False)."""
+    obs, act = module.observation_space, module.action_space
+    return {
+        Columns.OBS: np.zeros((num_slots, *obs.shape), dtype=obs.dtype),
+        Columns.ACTIONS: np.zeros((num_slots, *act.shape), dtype=act.dtype),
+        Columns.ACTION_LOGP: np.zeros(num_slots, dtype=np.float32),
+        Columns.REWARDS: np.zeros(num_slots, dtype=np.float32),
+        Columns.TERMINATEDS: np.zeros(num_slots, dtype=np.float32),
+        Columns.LOSS_MASK: np.zeros(num_slots, dtype=bool),
+    }
+
+
+def first_pass_advantage(batch: Mapping[str, torch.Tensor], horizon: int, cfg: PPOConfig) -> torch.Tensor:
+    """``A0 = compute_advantage(values, rewards, dones, w=1)`` on ``[segments, horizon]`` rows (SPEC §4.2),
+    zeroed on slots outside ``Columns.LOSS_MASK``; returned flat like the batch columns."""
+    shape = (-1, horizon)
+    values = batch[Columns.VF_PREDS].reshape(shape)
+    adv = compute_advantage(
+        values,
+        batch[Columns.REWARDS].reshape(shape),
+        batch[Columns.TERMINATEDS].reshape(shape),
+        torch.ones_like(values),
+        gamma=cfg.gamma,
+        gae_lambda=cfg.gae_lambda,
+        rho_clip=cfg.vtrace.rho_clip,
+        c_clip=cfg.vtrace.c_clip,
+    ).reshape(-1)
+    return torch.where(batch[Columns.LOSS_MASK], adv, torch.zeros_like(adv))
+
+
+class MettaLayoutConnector(ConnectorV2):
+    """Learner connector: episodes -> one Metta-layout batch per module, with values and ``A0``.
+
+    Replaces RLlib's ``AddOneTsToEpisodesAndTruncate`` + default batching + ``GeneralAdvantageEstimation``
+    (which normalizes advantages batch-wide, padding included); normalization happens per minibatch
+    in the loss instead (SPEC §3). Use it as the whole learner pipeline
+    (``add_default_connectors_to_learner_pipeline=False``); ``metta_ppo_config`` does this for you.
+    Output columns: ``LAYOUT_COLUMNS``, tensors on the module's device, rows as documented above.
+    """
+
+    def __init__(self, input_observation_space=None, input_action_space=None, *, ppo: PPOConfig, horizon: int):
+        super().__init__(input_observation_space, input_action_space)
+        self.ppo = ppo
+        self.horizon = horizon
+
+    @classmethod
+    def from_config(cls, config) -> "MettaLayoutConnector":
+        """Build from an ``AlgorithmConfig`` made by ``bridges.rllib.metta_ppo_config``."""
+        from bridges.rllib.config import metta_settings
+
+        ppo, trainer = metta_settings(config)
+        return cls(ppo=ppo, horizon=trainer.bptt_horizon)
+
+    @override(ConnectorV2)
+    def __call__(self, *, rl_module, batch: dict[str, Any], episodes: list, **kwargs) -> Any:
+        by_module: dict[str, list] = defaultdict(list)
+        for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
+            by_module[episode.module_id or DEFAULT_MODULE_ID].append(episode)
+        for module_id in rl_module.keys():
+            module = rl_module[module_id].unwrapped()
+            if not isinstance(module, ValueFunctionAPI):
+                continue
+            columns = pack_chunks(by_module.get(module_id, []), self.horizon)
+            batch[module_id] = self.finish(module, empty_slots(module, 0) if columns is None else columns)
+        return batch
+
+    def finish(self, module, columns: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Slots -> tensors on the module's device, plus ``VF_PREDS`` (no grad) and ``A0``."""
+        device = next(module.parameters()).device
+        out = {c: torch.as_tensor(v, device=device) for c, v in columns.items()}
+        with torch.no_grad():
+            values = module.compute_values({Columns.OBS: out[Columns.OBS]}) if len(out[Columns.OBS]) else None
+        out[Columns.VF_PREDS] = (
+            values.reshape(-1).to(torch.float32) if values is not None else torch.zeros(0, device=device)
+        )
+        out[Columns.ADVANTAGES] = first_pass_advantage(out, self.horizon, self.ppo)
+        return out

@@ -1,0 +1,247 @@
+"""``MettaPPOLearner``: an RLlib ``TorchLearner`` whose update is one Metta training phase (SPEC §4).
+
+``update`` replaces RLlib's minibatch loop (row shuffling, one step per minibatch) with Metta's:
+for each epoch and minibatch, whole segments drawn by ``prioritized_sample`` with the annealed
+``beta``; loss ``ppo_minibatch_loss`` (V-trace recompute and normalization per minibatch);
+``target_kl`` stop; ``clip_grad_norm_(max_grad_norm)`` and an optimizer step every
+``accumulate_minibatches`` minibatches. The batch comes from ``MettaLayoutConnector``.
+
+With several learners (``num_learners > 1``, DDP over gloo/nccl) every learner runs the same
+number of minibatches (fixed by the config, not by its shard), so the collective calls line up:
+the advantage normalization's all-reduce (valid slots only, SPEC §3), DDP's gradient all-reduce,
+and, with ``target_kl``, one all-reduce of the tracked ``approx_kl`` per minibatch after the first.
+A shard with fewer rows than a minibatch is padded with fully masked rows.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.core.learner.training_data import TrainingData
+from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.typing import ModuleID
+
+from bridges.rllib.config import metta_settings
+from bridges.rllib.layout import LAYOUT_COLUMNS, MettaColumns, MettaLayoutConnector, check_metta_batch, empty_slots
+from bridges.rllib.loss import metta_module_loss, rllib_stats
+from metta_core.errors import MettaError
+from metta_core.ppo_math import PPOTerms, anneal_beta, explained_variance, prioritized_sample
+
+ADAM_EPS = 1e-12
+"""Adam's epsilon in Metta's trainer (``metta_core.trainer``); RLlib's default is 1e-8."""
+
+METTA_STATE_KEY = "metta_loss"
+"""Key of the Metta loss state in ``get_state()``: ``anneal_beta``, ``epoch``, ``generator``."""
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class MettaPPOLearner(TorchLearner):
+    """RLlib Learner running Metta's PPO training phase; build it with ``metta_ppo_config``.
+
+    Metrics (per module, means over the phase's minibatches, SPEC §4.7): ``policy_loss``,
+    ``vf_loss``, ``entropy`` (RLlib's keys), ``approx_kl``, ``clipfrac``, ``importance``,
+    ``current_logprobs``, ``explained_variance``, ``anneal_beta``.
+    State (``get_state``/``set_state``, thus ``save_to_path``/``restore_from_path``): besides
+    RLlib's module and optimizer state, ``anneal_beta``, the trainer ``epoch`` (phases run) and
+    the sampling generator.
+    """
+
+    @classmethod
+    @override(TorchLearner)
+    def rl_module_required_apis(cls) -> list[type]:
+        return [ValueFunctionAPI]
+
+    @override(TorchLearner)
+    def build(self) -> None:
+        """Call ``super().build()``, then make ``MettaLayoutConnector`` the learner pipeline."""
+        self._metta_ppo, self._metta_trainer = metta_settings(self.config)
+        if self.config.add_default_connectors_to_learner_pipeline:
+            raise MettaError(
+                "MettaPPOLearner: add_default_connectors_to_learner_pipeline is True; RLlib's default pieces "
+                "lay batches out per timestep. Build the config with metta_ppo_config(...) or set "
+                "config.learners(add_default_connectors_to_learner_pipeline=False)"
+            )
+        super().build()
+        if self._learner_connector is not None and not any(
+            isinstance(c, MettaLayoutConnector) for c in self._learner_connector.connectors
+        ):
+            self._learner_connector.append(
+                MettaLayoutConnector(ppo=self._metta_ppo, horizon=self._metta_trainer.bptt_horizon)
+            )
+        seed = 0 if self.config.seed is None else int(self.config.seed)
+        self._metta_generator = torch.Generator().manual_seed(seed + 1_000_003 * self._learner_index)
+        self._metta_epoch = 0
+        self._metta_beta = anneal_beta(0, **self._beta_args())
+        self._metta_tracked: Dict[ModuleID, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+
+    def _beta_args(self) -> dict:
+        prio = self._metta_ppo.prioritized_experience_replay
+        return dict(
+            total_timesteps=self._metta_trainer.total_timesteps,
+            batch_size=self._metta_trainer.batch_size,
+            prio_alpha=prio.prio_alpha,
+            prio_beta0=prio.prio_beta0,
+        )
+
+    @override(TorchLearner)
+    def configure_optimizers_for_module(self, module_id: ModuleID, config=None) -> None:
+        """Metta's optimizer: ``Adam(eps=1e-12)`` (betas 0.9, 0.999), learning rate from RLlib's ``lr``."""
+        params = self.get_parameters(self.module[module_id])
+        self.register_optimizer(
+            module_id=module_id,
+            optimizer=torch.optim.Adam(params, eps=ADAM_EPS),
+            params=params,
+            lr_or_lr_schedule=config.lr,
+        )
+
+    @override(TorchLearner)
+    def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        return metta_module_loss(learner=self, module_id=module_id, config=config, batch=batch, fwd_out=fwd_out)
+
+    def record_metta_terms(self, module_id: ModuleID, terms: PPOTerms) -> None:
+        """Track one minibatch's stats (SPEC §4.7); a minibatch without valid slots is not tracked."""
+        if not bool(torch.isnan(terms.policy_loss.detach())):
+            for name, value in terms.stats().items():
+                self._metta_tracked[module_id][name].append(value)
+
+    @override(TorchLearner)
+    def update(
+        self,
+        batch=None,
+        batches=None,
+        batch_refs=None,
+        episodes=None,
+        episodes_refs=None,
+        data_iterators=None,
+        training_data: Optional[TrainingData] = None,
+        *,
+        timesteps: Optional[Dict[str, Any]] = None,
+        _no_metrics_reduce: bool = False,
+        **kwargs,
+    ):
+        """One Metta training phase on the given episodes or Metta-layout batch.
+
+        RLlib's ``num_epochs``/``minibatch_size``/``shuffle_batch_per_epoch`` kwargs are ignored:
+        the sizes come from the Metta settings (``metta_settings(config)``).
+        """
+        self._check_is_built()
+        self.before_gradient_based_update(timesteps=timesteps or {})
+        if training_data is None:
+            training_data = TrainingData(
+                batch=batch, batches=batches, batch_refs=batch_refs, episodes=episodes, episodes_refs=episodes_refs,
+                data_iterators=data_iterators,
+            )
+        training_data.validate()
+        training_data.solve_refs()
+        if training_data.data_iterators:
+            raise MettaError("MettaPPOLearner: data_iterators (offline RL) are not supported; pass episodes or a batch")
+        self._weights_seq_no += 1
+        ma_batch = self._make_batch_if_necessary(training_data=training_data)
+        for module_id in self.module.keys():
+            if not self.should_module_be_updated(module_id, ma_batch):
+                continue
+            module_batch = ma_batch.policy_batches.get(module_id)
+            if module_batch is None:
+                module = self.module[module_id].unwrapped()
+                connector = MettaLayoutConnector(ppo=self._metta_ppo, horizon=self._metta_trainer.bptt_horizon)
+                module_batch = connector.finish(module, empty_slots(module, 0))
+            self._train_phase(module_id, dict(module_batch))
+        self._log_steps_trained_metrics(ma_batch)
+        self._metta_epoch += 1
+        self.after_gradient_based_update(timesteps=timesteps or {})
+        if not _no_metrics_reduce:
+            return self.metrics.reduce()
+
+    def _train_phase(self, module_id: ModuleID, batch: Dict[str, torch.Tensor]) -> None:
+        """SPEC §4 steps 1-9 for one module on its ``[segments, horizon]`` batch."""
+        ppo = self._metta_ppo
+        horizon = self._metta_trainer.bptt_horizon
+        sizes = self._metta_trainer.sizes
+        mb_segments, accumulate = sizes["minibatch_segments"], sizes["accumulate_minibatches"]
+        segments = check_metta_batch(batch, horizon, where=f"MettaPPOLearner.update (module {module_id!r})")
+        batch = {c: batch[c] for c in LAYOUT_COLUMNS}
+        if segments < mb_segments:  # a small or empty shard: pad with fully masked rows (zeros, mask False)
+            extra = (mb_segments - segments) * horizon
+            batch = {c: torch.cat([v, v.new_zeros((extra, *v.shape[1:]))]) for c, v in batch.items()}
+            segments = mb_segments
+        rows = {c: v.reshape(segments, horizon, *v.shape[1:]) for c, v in batch.items()}
+        advantages = rows[Columns.ADVANTAGES]
+        prio = ppo.prioritized_experience_replay
+        self._metta_beta = anneal_beta(self._metta_epoch, **self._beta_args())
+        params = self.get_parameters(self.module[module_id])
+        optimizers = [opt for _, opt in self.get_optimizers_for_module(module_id)]
+        tracked = self._metta_tracked[module_id]
+        tracked.clear()
+        stop = False
+        for _epoch in range(self._metta_trainer.update_epochs):
+            for mb_idx in range(sizes["num_minibatches"]):
+                evaluate_only = ppo.target_kl is not None and mb_idx > 0 and self._mean_kl(tracked) > ppo.target_kl
+                idx, prio_w = prioritized_sample(
+                    advantages, mb_segments, prio_alpha=prio.prio_alpha, prio_beta=self._metta_beta,
+                    generator=self._metta_generator,
+                )
+                minibatch = {c: v[idx].reshape(mb_segments * horizon, *v.shape[2:]) for c, v in rows.items()}
+                minibatch[MettaColumns.PRIO_WEIGHTS] = prio_w.expand(mb_segments, horizon).reshape(-1)
+                fwd_out = self.module.forward_train({module_id: minibatch})
+                loss = self.compute_losses(fwd_out=fwd_out, batch={module_id: minibatch})[module_id]
+                if evaluate_only:
+                    stop = True
+                    break
+                if mb_idx % accumulate == 0:
+                    for opt in optimizers:
+                        opt.zero_grad()
+                loss.backward()
+                if (mb_idx + 1) % accumulate == 0:
+                    torch.nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
+                    for opt in optimizers:
+                        opt.step()
+            if stop:
+                break
+        mask = batch[Columns.LOSS_MASK]
+        stats = {name: float(np.mean(values)) for name, values in tracked.items() if values}
+        # explained variance over the valid slots of the whole buffer (SPEC §4, end of phase)
+        stats["explained_variance"] = (
+            explained_variance(batch[Columns.ADVANTAGES][mask], batch[Columns.VF_PREDS][mask])
+            if int(mask.sum()) > 1 else 0.0
+        )
+        stats["anneal_beta"] = self._metta_beta
+        self.metrics.log_dict(rllib_stats(stats), key=module_id, window=1)
+        self.metrics.log_value((module_id, self.TOTAL_LOSS_KEY), float(loss.detach()), window=1)
+
+    def _mean_kl(self, tracked: Dict[str, list]) -> float:
+        """Mean of the ``approx_kl`` values tracked so far in this phase (over all learners if distributed)."""
+        values = tracked.get("approx_kl", [])
+        if not _distributed():
+            return float(np.mean(values)) if values else 0.0
+        total = torch.tensor([float(sum(values)), float(len(values))], dtype=torch.float64)
+        torch.distributed.all_reduce(total)
+        return float(total[0] / total[1]) if total[1] > 0 else 0.0
+
+    @override(TorchLearner)
+    def get_state(self, components=None, *, not_components=None, **kwargs):
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        if self._check_component(METTA_STATE_KEY, components, not_components):
+            state[METTA_STATE_KEY] = {
+                "anneal_beta": self._metta_beta,
+                "epoch": self._metta_epoch,
+                "generator": self._metta_generator.get_state().numpy(),
+            }
+        return state
+
+    @override(TorchLearner)
+    def set_state(self, state) -> None:
+        super().set_state(state)
+        if METTA_STATE_KEY in state:
+            metta = state[METTA_STATE_KEY]
+            self._metta_beta = float(metta["anneal_beta"])
+            self._metta_epoch = int(metta["epoch"])
+            self._metta_generator.set_state(torch.as_tensor(np.asarray(metta["generator"]), dtype=torch.uint8))

@@ -1,0 +1,213 @@
+"""``metta-bridges train --framework rllib``: Metta's PPO on RLlib (and, optionally, RLlib's own PPO).
+
+Ray starts locally with the machine's CPUs unless ``args.address`` names a cluster;
+``num_learners`` / ``num_env_runners`` scale out (learners use DDP over gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.rllib.algorithms.ppo import PPOConfig as RLlibPPOConfig
+from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    LEARNER_RESULTS,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+)
+
+from bridges.rllib.config import metta_ppo_config
+from bridges.rllib.module import OrthogonalInitPPOModule
+from metta_core.errors import MettaError
+from metta_core.runlog import RunLogger
+from metta_core.trainer import ReturnTracker, TrainArgs
+
+LEARNER_KEYS = (
+    "policy_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "importance", "current_logprobs",
+    "explained_variance",
+)
+
+
+EPISODE_RETURNS_KEY = "metta_episode_returns"
+"""Env-runner metric: every finished episode's return (an item series), for the 100-episode mean."""
+
+
+class EpisodeReturns(RLlibCallback):
+    """Report each finished episode's return, so the driver keeps the same mean as the core trainer.
+
+    An episode longer than a rollout fragment arrives in chunks; ``on_episode_end`` sees only the
+    last one, so the returns of its earlier chunks are kept here by episode id.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._earlier_chunks: dict[str, float] = {}
+
+    def on_sample_end(self, *, samples, **kwargs) -> None:
+        for chunk in samples:
+            if not chunk.is_done:
+                self._earlier_chunks[chunk.id_] = self._earlier_chunks.get(chunk.id_, 0.0) + float(chunk.get_return())
+
+    def on_episode_end(self, *, episode, metrics_logger=None, **kwargs) -> None:
+        total = self._earlier_chunks.pop(episode.id_, 0.0) + float(episode.get_return())
+        metrics_logger.log_value(EPISODE_RETURNS_KEY, total, reduce="item_series")
+
+
+def _rllib_settings(config, args: TrainArgs):
+    """Settings shared by the Metta and the native run: env runners, learners, lr, network, seed."""
+    runners = max(1, args.num_env_runners)
+    return (
+        config.environment(args.env)
+        .env_runners(
+            num_env_runners=args.num_env_runners,
+            num_envs_per_env_runner=max(1, args.num_envs // runners),
+            rollout_fragment_length="auto",
+        )
+        .learners(num_learners=args.num_learners)
+        .training(lr=args.learning_rate)
+        .rl_module(
+            rl_module_spec=RLModuleSpec(module_class=OrthogonalInitPPOModule),
+            model_config={
+                "fcnet_hiddens": [args.hidden_size] * 2,
+                "fcnet_activation": "tanh",
+                "head_fcnet_hiddens": [],
+                "vf_share_layers": False,
+            }
+        )
+        .callbacks(EpisodeReturns)
+        .debugging(seed=args.seed)
+    )
+
+
+def build_config(args: TrainArgs):
+    """The Metta-PPO ``PPOConfig`` for ``args`` (Metta's PPO settings plus ``args.ppo`` overrides)."""
+    metta = metta_ppo_config(
+        batch_size=args.batch_size,
+        bptt_horizon=args.bptt_horizon,
+        minibatch_size=args.minibatch_size,
+        max_minibatch_size=args.max_minibatch_size,
+        update_epochs=args.update_epochs,
+        total_timesteps=args.total_timesteps,
+        **args.ppo,
+    )
+    return _rllib_settings(metta, args)
+
+
+def build_native_config(args: TrainArgs):
+    """RLlib's own PPO with the same sizes, lr, network and the overlapping Metta coefficients."""
+    ppo = args.ppo_config()
+    native = RLlibPPOConfig().training(
+        train_batch_size_per_learner=args.batch_size,
+        minibatch_size=args.minibatch_size,
+        num_epochs=args.update_epochs,
+        gamma=ppo.gamma,
+        lambda_=ppo.gae_lambda,
+        clip_param=ppo.clip_coef,
+        entropy_coeff=ppo.ent_coef,
+        vf_loss_coeff=ppo.vf_coef,
+        grad_clip=ppo.max_grad_norm,
+        use_kl_loss=False,
+    )
+    return _rllib_settings(native, args)
+
+
+def _row(result: dict, returns: ReturnTracker, started: float, steps_before: int) -> dict[str, float]:
+    """One metrics row; ``episode_return_mean`` is the mean of the last 100 episodes (as the core's)."""
+    runners = result.get(ENV_RUNNER_RESULTS, {})
+    learner = result.get(LEARNER_RESULTS, {}).get(DEFAULT_MODULE_ID, {})
+    steps = int(runners.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))
+    # an item series of one episode arrives as a bare number
+    returns.add(np.ravel(np.asarray(runners.get(EPISODE_RETURNS_KEY, []), dtype=np.float64)).tolist(), steps)
+    row = {
+        "env_steps": steps,
+        "episode_return_mean": returns.mean,
+        "episodes": returns.episodes,
+        "steps_per_second": (steps - steps_before) / max(time.perf_counter() - started, 1e-9),
+    }
+    row.update({k: float(learner[k]) for k in LEARNER_KEYS if k in learner})
+    if "vf_loss" in row:
+        row["value_loss"] = row["vf_loss"]  # Metta's name, shown by the progress bar
+    return row
+
+
+RETURNS_FILE = "metta_returns.json"
+"""Saved next to RLlib's checkpoint files: the 100-episode return window, so a resumed run keeps it."""
+
+
+def _save(algo, returns: ReturnTracker, checkpoint) -> None:
+    algo.save_to_path(os.path.abspath(checkpoint))
+    (Path(checkpoint) / RETURNS_FILE).write_text(json.dumps(returns.state_dict()))
+
+
+def _run(config, args: TrainArgs, label: str, out_dir, *, checkpoint=None, resume=None) -> dict[str, Any]:
+    if resume is not None and not Path(resume).exists():
+        raise MettaError(f"checkpoint {resume} does not exist; check --resume")
+    algo = config.build_algo()
+    returns = ReturnTracker(args.target_return)
+    if resume is not None:
+        algo.restore_from_path(os.path.abspath(resume))
+        if (Path(resume) / RETURNS_FILE).exists():
+            returns.load_state_dict(json.loads((Path(resume) / RETURNS_FILE).read_text()))
+    logger = RunLogger(
+        out_dir, args.total_timesteps, metrics_format=args.metrics_format, progress=args.progress,
+        resume=resume is not None, title=f"{label} {args.env} seed {args.seed}",
+    )
+    started_run = time.perf_counter()
+    steps, row, iteration = 0, {}, 0
+    try:
+        while steps < args.total_timesteps:
+            started = time.perf_counter()
+            row = _row(algo.train(), returns, started, steps)
+            steps = int(row["env_steps"])
+            logger.log(row)
+            iteration += 1
+            if checkpoint and args.checkpoint_every and iteration % args.checkpoint_every == 0:
+                _save(algo, returns, checkpoint)
+            if returns.reached and args.stop_at_target:
+                break
+        if checkpoint:
+            _save(algo, returns, checkpoint)
+    finally:
+        curve = logger.close()
+        algo.stop()
+    return {
+        "framework": label,
+        "env_steps": steps,
+        "episode_return_mean": returns.mean,
+        "steps_to_target": returns.steps_to_target,
+        "wall_time_s": time.perf_counter() - started_run,
+        "metrics": str(logger.metrics_path),
+        "learning_curve": str(curve),
+    }
+
+
+def train(args: TrainArgs) -> dict[str, Any]:
+    """Train ``args.env`` with Metta's PPO on RLlib; returns a summary (steps, mean return, steps to target).
+
+    With ``args.compare_native`` RLlib's own PPO runs afterwards with the same settings; its summary
+    is under ``"native"`` and its metrics in ``out_dir/native``.
+    """
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        if args.address:
+            ray.init(address=args.address)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    try:
+        summary = _run(
+            build_config(args), args, "rllib", args.out_dir, checkpoint=args.save_checkpoint, resume=args.resume
+        )
+        if args.compare_native:
+            summary["native"] = _run(build_native_config(args), args, "rllib-native", args.out_dir / "native")
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return summary
