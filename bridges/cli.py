@@ -77,12 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metta-bridges", description="Metta's PPO in the core, TorchRL and RLlib.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
+    importlib.import_module("bridges.conformance.cli").add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
+        if ns.command == "conformance":
+            return importlib.import_module("bridges.conformance.cli").run(ns)
         if ns.command == "train":
             args = parse_train_args(ns)
             args.ppo_config()  # validate overrides before anything starts

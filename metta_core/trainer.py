@@ -54,6 +54,7 @@ class TrainArgs:
     max_minibatch_size: int = setting(32768, 'Largest minibatch run at once (larger requests accumulate gradients).')
     update_epochs: int = setting(4, 'Passes over the buffer per training phase.')
     learning_rate: float = setting(2.5e-3, 'Adam learning rate.')
+    anneal_lr: bool = setting(False, "Decay the learning rate linearly to 0 over total_timesteps (as CleanRL does).")
     hidden_size: int = setting(64, 'Width of the two hidden layers of actor and critic.')
     target_return: float | None = setting(475.0, 'Mean episodic return (over the last 100 episodes) that counts as solved.')
     stop_at_target: bool = setting(True, 'End the run as soon as ``target_return`` is reached.')
@@ -149,6 +150,10 @@ class CoreRun:
         rollout = self.loop.rollout_phase(self.env, ctx)
         ctx.agent_step += rollout.agent_steps
         self.returns.add(rollout.episode_returns, ctx.agent_step)
+        if self.args.anneal_lr:
+            remaining = max(0.0, 1.0 - (ctx.agent_step - rollout.agent_steps) / self.args.total_timesteps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.args.learning_rate * remaining
         stats, epochs = self.loop.training_phase(ctx, self.trainer_cfg.update_epochs, self.ppo_cfg.max_grad_norm)
         ctx.epoch += 1
         return {

@@ -1,0 +1,511 @@
+"""Canonical conformance cases: their file format, loading with validation, and deterministic generation.
+
+A case is two files next to each other (format ``metta-conformance/1``, documented in
+``tests/conformance/README.md``):
+
+- ``<name>.json``: settings (``ppo`` = every ``PPOConfig`` field, ``trainer`` sizes,
+  ``trainer_epoch``, ``sample_seed``, ``optimizer``, ``policy``), a manifest of the arrays
+  (``shape``, ``dtype``), and the expected scalars (``expected.terms``, ``expected.phase_stats``,
+  ``expected.phase_counts``) or ``expected.error``.
+- ``<name>.npz``: the arrays, keyed ``data/<field>`` (Metta layout ``[segments, horizon, ...]``,
+  SPEC §1), ``weights/<param>`` (initial ``ActorCritic`` parameters), ``minibatch/idx`` and
+  ``minibatch/prio_weights`` (the minibatch of the one-step check), and
+  ``expected/{grads,params_after_step,params_after_phase}/<param>``.
+
+Every expected value comes from ``bridges.conformance.reference`` (not from ``metta_core``).
+Loading checks everything and raises ``CaseError`` naming the case and the field.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from metta_core.config import PPOConfig, TrainerConfig
+from metta_core.errors import MettaError
+
+from bridges.conformance import reference
+from bridges.conformance.reference import Measurement, PHASE_STAT_NAMES, TERM_NAMES
+
+FORMAT = "metta-conformance/1"
+"""Value of the ``format`` field of every case file."""
+
+CASES_DIR = Path(__file__).resolve().parents[2] / "tests" / "conformance" / "cases"
+"""Where the canonical cases of this repository are stored."""
+
+DATA_FIELDS = ("env_obs", "actions", "act_log_prob", "values", "rewards", "dones", "truncateds")
+"""The ``data/<field>`` arrays: Metta's buffer fields (SPEC §1)."""
+
+PARAM_GROUPS = ("grads", "params_after_step", "params_after_phase")
+"""The per-parameter expected arrays, ``expected/<group>/<param>``."""
+
+_JSON_FIELDS = ("format", "name", "description", "ppo", "trainer", "trainer_epoch", "sample_seed", "optimizer",
+                "policy", "arrays", "expected")
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+class CaseError(MettaError):
+    """A case file cannot be used: ``case`` and ``field`` say which one and where."""
+
+    def __init__(self, case: str, field: str, problem: str) -> None:
+        self.case = case
+        self.field = field
+        super().__init__(f"case {case!r}, field {field!r}: {problem}")
+
+
+# -- the policy architecture -------------------------------------------------------------------
+
+def parameter_shapes(policy: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``ActorCritic`` parameter names and shapes for a case's ``policy`` block.
+
+    Actor and critic are separate tanh MLPs ``obs_dim -> hidden... -> out``; their linear layers
+    sit at even indices of an ``nn.Sequential`` (``actor.0``, ``actor.2``, ...). ``out`` is ``n``
+    for discrete actions, ``dim`` for continuous ones (plus a state-independent ``log_std [dim]``);
+    the critic's ``out`` is 1.
+    """
+    action = policy["action"]
+    n_out = action["n"] if action["kind"] == "discrete" else action["dim"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    if action["kind"] == "continuous":
+        shapes["log_std"] = (n_out,)
+    for prefix, out in (("actor", n_out), ("critic", 1)):
+        dims = [policy["obs_dim"], *policy["hidden"], out]
+        for j in range(len(dims) - 1):
+            shapes[f"{prefix}.{2 * j}.weight"] = (dims[j + 1], dims[j])
+            shapes[f"{prefix}.{2 * j}.bias"] = (dims[j + 1],)
+    return shapes
+
+
+# -- loaded cases ------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """A loaded, validated case. ``config`` is the JSON settings block the reference reads."""
+
+    name: str
+    path: Path
+    description: str
+    config: dict[str, Any]
+    data: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray]
+    idx: np.ndarray
+    prio_weights: np.ndarray
+    expected: Measurement | None
+    expected_error: str | None
+    phase_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ppo(self) -> PPOConfig:
+        return PPOConfig.model_validate(self.config["ppo"])
+
+    @property
+    def trainer(self) -> TrainerConfig:
+        return TrainerConfig.model_validate(self.config["trainer"])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The ``data`` arrays as new CPU tensors."""
+        return {k: torch.from_numpy(v.copy()) for k, v in self.data.items()}
+
+
+def _require(case: str, block: Mapping[str, Any], keys, where: str) -> None:
+    if not isinstance(block, Mapping):
+        raise CaseError(case, where or "json", f"expected an object, got {type(block).__name__}")
+    missing = [k for k in keys if k not in block]
+    if missing:
+        raise CaseError(case, f"{where}.{missing[0]}" if where else missing[0], f"missing (required: {list(keys)})")
+
+
+def _check_settings(case: str, doc: Mapping[str, Any]) -> None:
+    _require(case, doc, _JSON_FIELDS, "")
+    if doc["format"] != FORMAT:
+        raise CaseError(case, "format", f"is {doc['format']!r}, this reader understands {FORMAT!r}")
+    for block, model in (("ppo", PPOConfig), ("trainer", TrainerConfig)):
+        try:
+            model.model_validate(doc[block])
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise CaseError(case, f"{block}.{where}" if where else block, err["msg"]) from None
+    for key in ("trainer_epoch", "sample_seed"):
+        if not isinstance(doc[key], int) or doc[key] < 0:
+            raise CaseError(case, key, f"must be a non-negative integer, got {doc[key]!r}")
+    opt = doc["optimizer"]
+    _require(case, opt, ("name", "lr", "betas", "eps"), "optimizer")
+    if opt["name"] != "adam":
+        raise CaseError(case, "optimizer.name", f"{opt['name']!r} is not supported; every runner uses 'adam'")
+    pol = doc["policy"]
+    _require(case, pol, ("architecture", "obs_dim", "hidden", "action"), "policy")
+    if pol["architecture"] != "actor_critic_tanh_mlp":
+        raise CaseError(case, "policy.architecture", f"{pol['architecture']!r} is unknown; use 'actor_critic_tanh_mlp'")
+    if not isinstance(pol["obs_dim"], int) or pol["obs_dim"] < 1:
+        raise CaseError(case, "policy.obs_dim", f"must be a positive integer, got {pol['obs_dim']!r}")
+    if not isinstance(pol["hidden"], list) or not all(isinstance(h, int) and h > 0 for h in pol["hidden"]):
+        raise CaseError(case, "policy.hidden", f"must be a list of positive widths, got {pol['hidden']!r}")
+    action = pol["action"]
+    kind = action.get("kind") if isinstance(action, Mapping) else None
+    size_key = {"discrete": "n", "continuous": "dim"}.get(kind)
+    if size_key is None:
+        raise CaseError(case, "policy.action.kind", f"{kind!r} is not supported; use 'discrete' or 'continuous'")
+    if not isinstance(action.get(size_key), int) or action[size_key] < 1:
+        raise CaseError(case, f"policy.action.{size_key}", f"must be a positive integer, got {action.get(size_key)!r}")
+
+
+def expected_shapes(doc: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every array a case must hold: name -> (shape, dtype), derived from its settings."""
+    trainer, pol = doc["trainer"], doc["policy"]
+    n = reference.sizes({"max_minibatch_size": TrainerConfig().max_minibatch_size, **trainer})
+    st = (n["segments"], trainer["bptt_horizon"])
+    action = pol["action"]
+    out: dict[str, tuple[tuple[int, ...], str]] = {
+        "data/env_obs": ((*st, pol["obs_dim"]), "float32"),
+        "data/actions": (st, "int64") if action["kind"] == "discrete" else ((*st, action["dim"]), "float32"),
+    }
+    for name in DATA_FIELDS[2:]:
+        out[f"data/{name}"] = (st, "float32")
+    shapes = parameter_shapes(pol)
+    out.update({f"weights/{k}": (s, "float32") for k, s in shapes.items()})
+    out["minibatch/idx"] = ((n["minibatch_segments"],), "int64")
+    out["minibatch/prio_weights"] = ((n["minibatch_segments"], 1), "float32")
+    if doc["expected"].get("error") is None:
+        for group in PARAM_GROUPS:
+            out.update({f"expected/{group}/{k}": (s, "float32") for k, s in shapes.items()})
+    return out
+
+
+def _read_npz(case: str, path: Path) -> dict[str, np.ndarray]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CaseError(case, "npz", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(raw))
+    except zipfile.BadZipFile as exc:
+        raise CaseError(case, "npz", f"{path.name} is not a valid npz (zip) file ({exc}); it may be truncated: "
+                        f"regenerate it with tests/conformance/generate_cases.py") from None
+    arrays = {}
+    for info in archive.infolist():
+        key = info.filename.removesuffix(".npy")
+        try:
+            with archive.open(info) as member:
+                arrays[key] = np.lib.format.read_array(io.BytesIO(member.read()), allow_pickle=False)
+        except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
+            raise CaseError(case, key, f"array in {path.name} is unreadable ({exc}); the file is damaged or "
+                            f"truncated: regenerate it") from None
+    return arrays
+
+
+def _check_arrays(case: str, doc: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    manifest = doc["arrays"]
+    for key, (shape, dtype) in expected_shapes(doc).items():
+        if key not in arrays:
+            raise CaseError(case, key, f"missing from the npz (expected shape {shape}, {dtype})")
+        x = arrays[key]
+        listed = manifest.get(key) if isinstance(manifest, Mapping) else None
+        if not isinstance(listed, Mapping) or tuple(listed.get("shape", ())) != shape or listed.get("dtype") != dtype:
+            raise CaseError(case, f"arrays.{key}", f"manifest entry {listed!r} does not match the settings, which need "
+                            f"shape {list(shape)} and dtype {dtype!r}")
+        if tuple(x.shape) != shape:
+            raise CaseError(case, key, f"has shape {tuple(x.shape)}, expected {shape} from the settings")
+        if str(x.dtype) != dtype:
+            raise CaseError(case, key, f"has dtype {x.dtype}, expected {dtype}")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            bad = np.argwhere(~np.isfinite(x))[0].tolist()
+            raise CaseError(case, key, f"holds {int((~np.isfinite(x)).sum())} non-finite value(s) (NaN or inf), "
+                            f"first at index {bad}")
+    for key in ("data/dones", "data/truncateds"):
+        if not np.isin(arrays[key], (0.0, 1.0)).all():
+            raise CaseError(case, key, "flags must be 0.0 or 1.0")
+    n_actions = doc["policy"]["action"].get("n")
+    actions = arrays["data/actions"]
+    if n_actions is not None and ((actions < 0) | (actions >= n_actions)).any():
+        raise CaseError(case, "data/actions", f"discrete actions must be in 0..{n_actions - 1}")
+    idx = arrays["minibatch/idx"]
+    segments = arrays["data/values"].shape[0]
+    if ((idx < 0) | (idx >= segments)).any() or len(set(idx.tolist())) != len(idx):
+        raise CaseError(case, "minibatch/idx", f"must be distinct row indices in 0..{segments - 1}, got {idx.tolist()}")
+
+
+def _check_expected(case: str, doc: Mapping[str, Any]) -> None:
+    exp = doc["expected"]
+    if not isinstance(exp, Mapping):
+        raise CaseError(case, "expected", f"expected an object, got {type(exp).__name__}")
+    if exp.get("error") is not None:
+        if not isinstance(exp["error"], str) or not exp["error"]:
+            raise CaseError(case, "expected.error", "must be a non-empty message substring")
+        return
+    for block, names in (("terms", TERM_NAMES), ("phase_stats", PHASE_STAT_NAMES)):
+        _require(case, exp, (block,), "expected")
+        _require(case, exp[block], names, f"expected.{block}")
+        for name in names:
+            value = exp[block][name]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise CaseError(case, f"expected.{block}.{name}", f"must be a finite number, got {value!r}")
+
+
+def load_case(json_path: str | Path) -> Case:
+    """Load and validate ``<name>.json`` and its ``<name>.npz``; raise ``CaseError`` on any problem."""
+    path = Path(json_path)
+    case = path.stem
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        raise CaseError(case, "json", f"cannot read {path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CaseError(case, "json", f"{path.name} is not valid JSON ({exc}); it may be truncated: regenerate it") from None
+    _check_settings(case, doc)
+    _check_expected(case, doc)
+    arrays = _read_npz(case, path.with_suffix(".npz"))
+    _check_arrays(case, doc, arrays)
+    exp = doc["expected"]
+    expected = None
+    if exp.get("error") is None:
+        groups = {g: {k.split("/", 2)[2]: v for k, v in arrays.items() if k.startswith(f"expected/{g}/")}
+                  for g in PARAM_GROUPS}
+        expected = Measurement(terms=dict(exp["terms"]), phase_stats=dict(exp["phase_stats"]), **groups)
+    config = {k: doc[k] for k in ("ppo", "trainer", "trainer_epoch", "sample_seed", "optimizer", "policy")}
+    config["trainer"] = TrainerConfig.model_validate(doc["trainer"]).model_dump()
+    return Case(
+        name=case, path=path, description=doc["description"], config=config,
+        data={f: arrays[f"data/{f}"] for f in DATA_FIELDS},
+        weights={k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("weights/")},
+        idx=arrays["minibatch/idx"], prio_weights=arrays["minibatch/prio_weights"],
+        expected=expected, expected_error=exp.get("error"), phase_counts=dict(exp.get("phase_counts", {})),
+    )
+
+
+def case_paths(directory: str | Path = CASES_DIR, names: list[str] | None = None) -> list[Path]:
+    """The ``.json`` files of ``directory`` (sorted), or of the given case ``names``."""
+    directory = Path(directory)
+    if names is None:
+        return sorted(directory.glob("*.json"))
+    return [directory / f"{name}.json" for name in names]
+
+
+# -- canonical cases ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """How to generate one canonical case (see ``CASE_SPECS``).
+
+    ``ppo`` holds dotted ``PPOConfig`` overrides; ``trainer`` the ``TrainerConfig`` fields;
+    ``logprob_noise`` / ``value_noise`` the spread of the stored log-probs and values around the
+    initial policy's (large noise gives ratios far from 1); ``done_prob`` the chance of a terminal
+    flag; ``done_pattern="edges"`` also sets terminals at segment starts, ends and in runs.
+    """
+
+    name: str
+    description: str
+    seed: int
+    ppo: Mapping[str, Any] = field(default_factory=dict)
+    trainer: Mapping[str, int] = field(default_factory=dict)
+    trainer_epoch: int = 0
+    action: Mapping[str, Any] = field(default_factory=lambda: {"kind": "discrete", "n": 3})
+    hidden: tuple[int, ...] = (8, 8)
+    obs_dim: int = 3
+    lr: float = 0.01
+    logprob_noise: float = 0.3
+    value_noise: float = 0.5
+    done_prob: float = 0.1
+    done_pattern: str | None = None
+    quick: bool = False
+
+
+_SMALL = {"batch_size": 64, "bptt_horizon": 8, "minibatch_size": 16, "update_epochs": 2, "total_timesteps": 640}
+
+CASE_SPECS: tuple[CaseSpec, ...] = (
+    CaseSpec("defaults_discrete_mlp", "PPOConfig defaults, Categorical, MLP (8, 8), 4 minibatches x 2 epochs",
+             seed=1, trainer=_SMALL, quick=True),
+    CaseSpec("continuous_linear_prio", "Normal actions (dim 2), linear policy, prio_alpha 0.6 annealed (epoch 5 of 10)",
+             seed=2, trainer=_SMALL, trainer_epoch=5, hidden=(), action={"kind": "continuous", "dim": 2},
+             ppo={"prioritized_experience_replay.prio_alpha": 0.6}, quick=True),
+    CaseSpec("prio_alpha_0_annealed", "prio_alpha 0 (uniform; beta stays prio_beta0) at trainer epoch 4",
+             seed=3, trainer=_SMALL, trainer_epoch=4),
+    CaseSpec("prio_alpha_0_6_annealed", "prio_alpha 0.6, beta annealed at trainer epoch 4 of 10",
+             seed=4, trainer=_SMALL, trainer_epoch=4, ppo={"prioritized_experience_replay.prio_alpha": 0.6}),
+    CaseSpec("prio_alpha_1_annealed", "prio_alpha 1, prio_beta0 0.4, beta annealed at trainer epoch 7 of 10",
+             seed=5, trainer=_SMALL, trainer_epoch=7,
+             ppo={"prioritized_experience_replay.prio_alpha": 1.0, "prioritized_experience_replay.prio_beta0": 0.4}),
+    CaseSpec("vtrace_clips_below_1", "rho_clip 0.5, c_clip 0.7, ratios far from 1 (log-prob noise 1.0)",
+             seed=6, trainer=_SMALL, logprob_noise=1.0, ppo={"vtrace.rho_clip": 0.5, "vtrace.c_clip": 0.7}),
+    CaseSpec("vtrace_clips_above_1", "rho_clip 2.0, c_clip 1.5, ratios far from 1 (log-prob noise 1.0)",
+             seed=7, trainer=_SMALL, logprob_noise=1.0, ppo={"vtrace.rho_clip": 2.0, "vtrace.c_clip": 1.5}),
+    CaseSpec("clip_vloss_off", "clip_vloss False, norm_adv True", seed=8, trainer=_SMALL, ppo={"clip_vloss": False}),
+    CaseSpec("norm_adv_off", "norm_adv False, clip_vloss True (value noise 1.0 so the value clip binds)",
+             seed=9, trainer=_SMALL, value_noise=1.0, ppo={"norm_adv": False}),
+    CaseSpec("norm_adv_off_clip_vloss_off", "norm_adv False and clip_vloss False",
+             seed=10, trainer=_SMALL, ppo={"norm_adv": False, "clip_vloss": False}),
+    CaseSpec("target_kl_early_stop", "target_kl 0.02 with ratios far from 1: the phase stops early",
+             seed=11, logprob_noise=1.0, ppo={"target_kl": 0.02}, trainer={**_SMALL, "update_epochs": 3}),
+    CaseSpec("dones_edges_truncations", "terminals at segment starts, ends and in runs; truncations (ignored)",
+             seed=12, trainer=_SMALL, done_pattern="edges"),
+    CaseSpec("horizon_1", "bptt_horizon 1: every advantage is 0; norm_adv over 4 elements",
+             seed=13, trainer={"batch_size": 8, "bptt_horizon": 1, "minibatch_size": 4, "update_epochs": 2,
+                               "total_timesteps": 80}),
+    CaseSpec("horizon_2", "bptt_horizon 2", seed=14,
+             trainer={"batch_size": 16, "bptt_horizon": 2, "minibatch_size": 4, "update_epochs": 2,
+                      "total_timesteps": 160}),
+    CaseSpec("norm_adv_single_element", "bptt_horizon 1 and one-segment minibatches: norm_adv over 1 element is an error",
+             seed=15, trainer={"batch_size": 4, "bptt_horizon": 1, "minibatch_size": 1, "update_epochs": 1,
+                               "total_timesteps": 40}),
+    CaseSpec("single_segment", "one segment of 8 steps, one minibatch", seed=16,
+             trainer={"batch_size": 8, "bptt_horizon": 8, "minibatch_size": 8, "update_epochs": 3, "total_timesteps": 80}),
+    CaseSpec("continuous_mlp", "Normal actions (dim 2), MLP (8, 8), prio_alpha 1", seed=17, trainer=_SMALL,
+             trainer_epoch=2, action={"kind": "continuous", "dim": 2},
+             ppo={"prioritized_experience_replay.prio_alpha": 1.0}),
+    CaseSpec("discrete_linear", "Categorical, linear policy", seed=18, trainer=_SMALL, hidden=()),
+    CaseSpec("accumulate_grad_clip", "minibatch_size 2 x max_minibatch_size (accumulate 2), max_grad_norm 0.05",
+             seed=19, ppo={"max_grad_norm": 0.05},
+             trainer={"batch_size": 64, "bptt_horizon": 8, "minibatch_size": 32, "max_minibatch_size": 16,
+                      "update_epochs": 2, "total_timesteps": 640}),
+    CaseSpec("accumulate_odd_minibatches", "accumulate 2 over 3 minibatches per epoch: the last minibatch's "
+             "gradient is dropped by the next epoch's zero_grad (SPEC §4.8 counts by mb_idx)", seed=20,
+             trainer={"batch_size": 48, "bptt_horizon": 8, "minibatch_size": 32, "max_minibatch_size": 16,
+                      "update_epochs": 2, "total_timesteps": 480}),
+)
+"""The canonical matrix (``--all``); specs with ``quick=True`` form the default quick run."""
+
+
+def _spec_config(spec: CaseSpec) -> dict[str, Any]:
+    ppo = PPOConfig().update(dict(spec.ppo)).model_dump()
+    trainer = TrainerConfig(**spec.trainer).model_dump()
+    policy = {"architecture": "actor_critic_tanh_mlp", "obs_dim": spec.obs_dim, "hidden": list(spec.hidden),
+              "action": dict(spec.action)}
+    optimizer = {"name": "adam", "lr": spec.lr, "betas": [0.9, 0.999], "eps": 1e-12}
+    return {"ppo": ppo, "trainer": trainer, "trainer_epoch": spec.trainer_epoch, "sample_seed": spec.seed,
+            "optimizer": optimizer, "policy": policy}
+
+
+def _spec_arrays(spec: CaseSpec, config: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Data and initial weights from ``spec.seed`` (NumPy's PCG64; stored log-probs/values off the policy's)."""
+    rng = np.random.default_rng(spec.seed)
+    policy = config["policy"]
+    weights = {}
+    for name, shape in parameter_shapes(policy).items():
+        if name == "log_std":
+            weights[name] = rng.normal(-0.5, 0.2, shape).astype(np.float32)
+        else:
+            fan_in = shape[-1] if name.endswith("weight") else 1
+            weights[name] = (rng.normal(0.0, 1.0, shape) / math.sqrt(fan_in)).astype(np.float32)
+    n = reference.sizes(config["trainer"])
+    st = (n["segments"], config["trainer"]["bptt_horizon"])
+    obs = rng.normal(size=(*st, spec.obs_dim)).astype(np.float32)
+    action = policy["action"]
+    if action["kind"] == "discrete":
+        actions = rng.integers(0, action["n"], st).astype(np.int64)
+    else:
+        actions = rng.normal(0.0, 0.8, (*st, action["dim"])).astype(np.float32)
+    flat_actions = torch.from_numpy(actions).reshape(st[0] * st[1], *actions.shape[2:])
+    with torch.no_grad():
+        logprob, _, value = reference.policy_forward(
+            {k: torch.from_numpy(v) for k, v in weights.items()}, policy,
+            torch.from_numpy(obs).reshape(-1, spec.obs_dim), flat_actions)
+    dones = (rng.random(st) < spec.done_prob).astype(np.float32)
+    if spec.done_pattern == "edges":
+        dones[0, 0] = dones[1, 1] = dones[2, -1] = 1.0
+        dones[3, 2:6] = 1.0
+        dones[4, :] = 1.0
+    truncateds = ((rng.random(st) < 0.1) & (dones == 0)).astype(np.float32)
+    data = {
+        "env_obs": obs,
+        "actions": actions,
+        "act_log_prob": (logprob.numpy().reshape(st) + rng.normal(0.0, spec.logprob_noise, st)).astype(np.float32),
+        "values": (value.numpy().reshape(st) + rng.normal(0.0, spec.value_noise, st)).astype(np.float32),
+        "rewards": rng.normal(size=st).astype(np.float32),
+        "dones": dones,
+        "truncateds": truncateds,
+    }
+    out = {f"data/{k}": v for k, v in data.items()}
+    out.update({f"weights/{k}": v for k, v in weights.items()})
+    return out
+
+
+def _expected(config: Mapping[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Run the reference; add the minibatch and expected arrays to ``arrays``; return the JSON block."""
+    data = {f: torch.from_numpy(arrays[f"data/{f}"]) for f in DATA_FIELDS}
+    weights = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("weights/")}
+    ppo, trainer = config["ppo"], config["trainer"]
+    n = reference.sizes(trainer)
+    first = reference.first_pass(ppo, data)
+    idx, prio_w = reference.sample_segments(
+        first, n["minibatch_segments"], ppo["prioritized_experience_replay"]["prio_alpha"],
+        reference.beta(ppo, trainer, config["trainer_epoch"]), torch.Generator().manual_seed(config["sample_seed"]))
+    arrays["minibatch/idx"] = idx.numpy().astype(np.int64)
+    arrays["minibatch/prio_weights"] = prio_w.numpy().astype(np.float32)
+    try:
+        step = reference.one_step(config, data, weights, idx, prio_w)
+        stats, params, counts = reference.training_phase(config, data, weights)
+    except reference.ReferenceError as exc:
+        return {"error": exc.match}
+    for group, values in (("grads", step.grads), ("params_after_step", step.params_after_step),
+                          ("params_after_phase", params)):
+        arrays.update({f"expected/{group}/{k}": v for k, v in values.items()})
+    return {"error": None, "terms": step.terms, "phase_stats": stats, "phase_counts": counts}
+
+
+def _dump_json(doc: Mapping[str, Any]) -> str:
+    """Indented, key-sorted JSON with lists of numbers (shapes, betas, widths) kept on one line."""
+    text = json.dumps(doc, indent=1, sort_keys=True)
+    text = re.sub(r"\[\s*([-+.\deE]+(?:,\s*[-+.\deE]+)*)\s*\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+    return text + "\n"
+
+
+def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write ``arrays`` as an ``.npz`` with fixed member timestamps, so equal arrays give equal bytes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for key in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, member.getvalue())
+    path.write_bytes(buffer.getvalue())
+
+
+def generate(out_dir: str | Path = CASES_DIR, names: list[str] | None = None) -> list[Path]:
+    """Write the canonical cases (all of ``CASE_SPECS``, or ``names``) to ``out_dir``; return the JSON paths.
+
+    Deterministic: the same code writes byte-identical files (seeded NumPy data, a seeded torch
+    generator for the segment sampling, single-threaded torch while generating).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = {s.name: s for s in CASE_SPECS}
+    unknown = sorted(set(names or ()) - set(specs))
+    if unknown:
+        raise MettaError(f"unknown case name(s) {unknown}; canonical cases are {sorted(specs)}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    written = []
+    try:
+        for name in names or list(specs):
+            spec = specs[name]
+            config = _spec_config(spec)
+            arrays = _spec_arrays(spec, config)
+            expected = _expected(config, arrays)
+            doc = {"format": FORMAT, "name": spec.name, "description": spec.description, **config,
+                   "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(arrays.items())},
+                   "expected": expected}
+            path = out_dir / f"{spec.name}.json"
+            path.write_text(_dump_json(doc))
+            write_npz(path.with_suffix(".npz"), arrays)
+            written.append(path)
+    finally:
+        torch.set_num_threads(threads)
+    return written
+
+
+def quick_names() -> list[str]:
+    """Names of the cases of the default (quick) run."""
+    return [s.name for s in CASE_SPECS if s.quick]

@@ -1,0 +1,266 @@
+"""A slow, separate re-statement of SPEC §1-§4 that produces the conformance expected values.
+
+Nothing here imports ``metta_core`` or a bridge: the expected values stored in the case files
+must not come from the code they check. The policy is evaluated from its weights by a small
+functional forward (the architecture documented in ``tests/conformance/README.md``), the
+advantage is a per-element float32 loop, and the training phase is written out step by step.
+Settings are the plain dicts of a case file (``ppo``, ``trainer``, ``optimizer``, ``policy``).
+
+Conventions (SPEC §1): every data array is ``[segments, horizon]`` (plus feature dims);
+``rewards[:, t]`` and ``dones[:, t]`` belong to the transition that led into observation ``t``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TERM_NAMES = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "importance", "current_logprobs")
+"""Scalars of one minibatch (SPEC §4.6-4.7); ``loss`` is the differentiable total."""
+
+PHASE_STAT_NAMES = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "importance",
+                    "current_logprobs", "explained_variance")
+"""Phase statistics: the mean of each tracked minibatch stat, plus ``explained_variance`` (SPEC §4)."""
+
+SINGLE_ELEMENT_NORM_ERROR = "at least 2 elements"
+"""Substring of the error every implementation raises for ``norm_adv`` over one element."""
+
+
+class ReferenceError(ValueError):
+    """The SPEC cannot be evaluated on these inputs.
+
+    ``match`` is the part of the message every conforming implementation's error contains; it
+    is stored as the case's ``expected.error``.
+    """
+
+    def __init__(self, match: str, detail: str) -> None:
+        self.match = match
+        super().__init__(f"{match}: {detail}")
+
+
+@dataclass
+class Measurement:
+    """Every compared quantity of one case (what the reference expects and each runner reports).
+
+    ``terms``: the ``TERM_NAMES`` scalars of the minibatch ``minibatch/idx`` at the initial
+    weights; ``grads``: d ``loss`` / d parameter at the initial weights; ``params_after_step``:
+    parameters after ``zero_grad``, backward, ``clip_grad_norm_(max_grad_norm)`` and one optimizer
+    step on that loss; ``phase_stats`` and ``params_after_phase``: after one whole training phase
+    from the initial weights and a fresh optimizer. Parameter names are ``ActorCritic``'s.
+    """
+
+    terms: dict[str, float] = field(default_factory=dict)
+    grads: dict[str, np.ndarray] = field(default_factory=dict)
+    params_after_step: dict[str, np.ndarray] = field(default_factory=dict)
+    phase_stats: dict[str, float] = field(default_factory=dict)
+    params_after_phase: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# -- policy ------------------------------------------------------------------------------------
+
+def layers_forward(x: Tensor, params: Mapping[str, Tensor], prefix: str) -> Tensor:
+    """``Linear -> tanh -> ... -> Linear`` over layers ``{prefix}.{k}.weight/bias`` in order of ``k``
+    (``prefix`` is ``"actor"`` or ``"critic"``; the actor's output is the logits or the Normal mean)."""
+    layers = sorted({int(name.split(".")[1]) for name in params if name.startswith(prefix + ".")})
+    for j, k in enumerate(layers):
+        x = F.linear(x, params[f"{prefix}.{k}.weight"], params[f"{prefix}.{k}.bias"])
+        if j < len(layers) - 1:
+            x = torch.tanh(x)
+    return x
+
+
+def policy_forward(params: Mapping[str, Tensor], policy: Mapping[str, Any], obs: Tensor, actions: Tensor):
+    """``(logprob, entropy, value)`` of ``actions`` under the actor-critic with ``params``; ``[N]`` each.
+
+    Discrete: Categorical over the actor's logits. Continuous: diagonal Normal with mean the
+    actor's output and standard deviation ``exp(log_std)``; log-prob and entropy summed over dims.
+    """
+    out = layers_forward(obs, params, "actor")
+    value = layers_forward(obs, params, "critic").squeeze(-1)
+    if policy["action"]["kind"] == "discrete":
+        logp_all = torch.log_softmax(out, dim=-1)
+        logprob = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    else:
+        log_std = params["log_std"].expand_as(out)
+        var = torch.exp(log_std) ** 2
+        log_norm = 0.5 * math.log(2 * math.pi)
+        logprob = (-((actions - out) ** 2) / (2 * var) - log_std - log_norm).sum(-1)
+        entropy = (0.5 + log_norm + log_std).sum(-1)
+    return logprob, entropy, value
+
+
+# -- SPEC §2, §3 -------------------------------------------------------------------------------
+
+def advantage(values, rewards, dones, ratio, gamma: float, gae_lambda: float, rho_clip: float, c_clip: float) -> np.ndarray:
+    """SPEC §2 one element at a time in float32; ``A[:, -1] = 0``."""
+    v, r, d, w = (np.asarray(x, dtype=np.float32) for x in (values, rewards, dones, ratio))
+    g, lam, rho_max, c_max = (np.float32(x) for x in (gamma, gae_lambda, rho_clip, c_clip))
+    out = np.zeros_like(v)
+    one = np.float32(1.0)
+    for s in range(v.shape[0]):
+        following = np.float32(0.0)
+        for t in range(v.shape[1] - 2, -1, -1):
+            not_terminal = one - d[s, t + 1]
+            rho = min(w[s, t], rho_max)
+            c = min(w[s, t], c_max)
+            delta = rho * (r[s, t + 1] + g * v[s, t + 1] * not_terminal - v[s, t])
+            following = delta + g * lam * c * not_terminal * following
+            out[s, t] = following
+    return out
+
+
+def normalize(adv: Tensor) -> Tensor:
+    """SPEC §3, single process: ``(A - mean) / (std + 1e-8)`` with Bessel's correction."""
+    if adv.numel() < 2:
+        raise ReferenceError(SINGLE_ELEMENT_NORM_ERROR, f"norm_adv over a minibatch of {adv.numel()} element(s)")
+    return (adv - adv.mean()) / (adv.std() + 1e-8)
+
+
+# -- SPEC §4 -----------------------------------------------------------------------------------
+
+def minibatch_terms(ppo: Mapping[str, Any], params, policy, rows: Mapping[str, Tensor], first_adv: Tensor,
+                    prio_weights: Tensor) -> dict[str, Tensor]:
+    """SPEC §4.4-4.6 on ``[mb, horizon]`` rows; ``loss`` carries the graph to ``params``."""
+    mb, horizon = rows["values"].shape
+    flat_obs = rows["env_obs"].reshape(mb * horizon, -1)
+    flat_actions = rows["actions"].reshape(mb * horizon, *rows["actions"].shape[2:])
+    logprob, entropy, new_values = (x.reshape(mb, horizon) for x in policy_forward(params, policy, flat_obs, flat_actions))
+    logratio = logprob - rows["act_log_prob"]
+    ratio = torch.exp(torch.clamp(logratio, -10.0, 10.0))
+    vtrace = ppo["vtrace"]
+    adv = torch.from_numpy(advantage(rows["values"], rows["rewards"], rows["dones"], ratio.detach(), ppo["gamma"],
+                                     ppo["gae_lambda"], vtrace["rho_clip"], vtrace["c_clip"]))
+    if ppo["norm_adv"]:
+        adv = normalize(adv)
+    adv = prio_weights * adv
+    clip = ppo["clip_coef"]
+    policy_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
+    returns = first_adv + rows["values"]
+    if ppo["clip_vloss"]:
+        v_clipped = rows["values"] + torch.clamp(new_values - rows["values"], -ppo["vf_clip_coef"], ppo["vf_clip_coef"])
+        value_loss = 0.5 * torch.max((new_values - returns) ** 2, (v_clipped - returns) ** 2).mean()
+    else:
+        value_loss = 0.5 * ((new_values - returns) ** 2).mean()
+    ent = entropy.mean()
+    with torch.no_grad():
+        stats = {
+            "approx_kl": ((ratio - 1) - logratio).mean(),
+            "clipfrac": ((ratio - 1).abs() > clip).float().mean(),
+            "importance": ratio.mean(),
+            "current_logprobs": logprob.mean(),
+        }
+    return {"loss": policy_loss - ppo["ent_coef"] * ent + ppo["vf_coef"] * value_loss,
+            "policy_loss": policy_loss, "value_loss": value_loss, "entropy": ent, **stats}
+
+
+def sizes(trainer: Mapping[str, int]) -> dict[str, int]:
+    """SPEC §4 buffer arithmetic (the case loader has already checked divisibility)."""
+    horizon = trainer["bptt_horizon"]
+    effective = min(trainer["minibatch_size"], trainer["max_minibatch_size"])
+    segments = trainer["batch_size"] // horizon
+    return {"segments": segments, "minibatch_segments": effective // horizon,
+            "num_minibatches": segments // (effective // horizon),
+            "accumulate": max(1, trainer["minibatch_size"] // trainer["max_minibatch_size"])}
+
+
+def beta(ppo, trainer, epoch: int) -> float:
+    """SPEC §4.2 annealed importance exponent at trainer epoch ``epoch``."""
+    prio = ppo["prioritized_experience_replay"]
+    return prio["prio_beta0"] + (1 - prio["prio_beta0"]) * prio["prio_alpha"] * epoch / max(
+        1, trainer["total_timesteps"] // trainer["batch_size"])
+
+
+def sample_segments(first_adv: Tensor, count: int, alpha: float, beta_: float, generator: torch.Generator):
+    """SPEC §4.3 in float32: ``(idx, prio_w)`` with ``prio_w`` of shape ``[count, 1]``."""
+    p = torch.nan_to_num(first_adv.abs().sum(dim=1) ** alpha, 0, 0, 0)
+    p = (p + 1e-6) / (p.sum() + 1e-6)
+    idx = torch.multinomial(p, count, replacement=False, generator=generator)
+    return idx, (first_adv.shape[0] * p[idx, None]) ** -beta_
+
+
+def first_pass(ppo, data: Mapping[str, Tensor]) -> Tensor:
+    """SPEC §4.2: ``A0`` over the whole buffer with ratio 1."""
+    v = ppo["vtrace"]
+    return torch.from_numpy(advantage(data["values"], data["rewards"], data["dones"], np.ones(tuple(data["values"].shape)),
+                                      ppo["gamma"], ppo["gae_lambda"], v["rho_clip"], v["c_clip"]))
+
+
+def _leaves(weights: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
+    return {name: torch.tensor(w, dtype=torch.float32, requires_grad=True) for name, w in weights.items()}
+
+
+def _optimizer(spec: Mapping[str, Any], params: list[Tensor]) -> torch.optim.Optimizer:
+    if spec["name"] != "adam":
+        raise ReferenceError("optimizer", f"{spec['name']!r} is not supported; use 'adam'")
+    return torch.optim.Adam(params, lr=spec["lr"], betas=tuple(spec["betas"]), eps=spec["eps"])
+
+
+def _numpy(params: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    return {name: p.detach().numpy().copy() for name, p in params.items()}
+
+
+def one_step(config: Mapping[str, Any], data: Mapping[str, Tensor], weights, idx: Tensor, prio_w: Tensor) -> Measurement:
+    """Terms, gradients and parameters after one optimizer step on the minibatch ``idx``."""
+    ppo = config["ppo"]
+    params = _leaves(weights)
+    a0 = first_pass(ppo, data)
+    terms = minibatch_terms(ppo, params, config["policy"], {k: v[idx] for k, v in data.items()}, a0[idx], prio_w)
+    opt = _optimizer(config["optimizer"], list(params.values()))
+    opt.zero_grad()
+    terms["loss"].backward()
+    grads = {name: p.grad.numpy().copy() for name, p in params.items()}
+    torch.nn.utils.clip_grad_norm_(list(params.values()), ppo["max_grad_norm"])
+    opt.step()
+    return Measurement(terms={k: float(v.detach()) for k, v in terms.items()}, grads=grads,
+                       params_after_step=_numpy(params))
+
+
+def training_phase(config: Mapping[str, Any], data: Mapping[str, Tensor], weights) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, int]]:
+    """SPEC §4 steps 1-9 and the end-of-phase stats; returns ``(stats, params, counts)``.
+
+    ``counts`` has ``minibatches_evaluated`` (tracked) and ``optimizer_steps``.
+    """
+    ppo, trainer = config["ppo"], config["trainer"]
+    n = sizes(trainer)
+    params = _leaves(weights)
+    opt = _optimizer(config["optimizer"], list(params.values()))
+    gen = torch.Generator().manual_seed(config["sample_seed"])
+    alpha = ppo["prioritized_experience_replay"]["prio_alpha"]
+    tracked: dict[str, list[float]] = {k: [] for k in TERM_NAMES if k != "loss"}
+    steps = 0
+    a0 = None
+    stop = False
+    for _ in range(trainer["update_epochs"]):
+        for mb_idx in range(n["num_minibatches"]):
+            if mb_idx % n["accumulate"] == 0:
+                opt.zero_grad()
+            kl = tracked["approx_kl"]
+            stop = ppo["target_kl"] is not None and mb_idx > 0 and bool(kl) and sum(kl) / len(kl) > ppo["target_kl"]
+            if mb_idx == 0:
+                b = beta(ppo, trainer, config["trainer_epoch"])
+                a0 = first_pass(ppo, data)
+            idx, prio_w = sample_segments(a0, n["minibatch_segments"], alpha, b, gen)
+            terms = minibatch_terms(ppo, params, config["policy"], {k: v[idx] for k, v in data.items()}, a0[idx], prio_w)
+            for name in tracked:
+                tracked[name].append(float(terms[name].detach()))
+            if stop:
+                break
+            terms["loss"].backward()
+            if (mb_idx + 1) % n["accumulate"] == 0:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), ppo["max_grad_norm"])
+                opt.step()
+                steps += 1
+        if stop:
+            break
+    stats = {name: sum(v) / len(v) for name, v in tracked.items()}
+    a0_64, v64 = a0.double().numpy(), data["values"].double().numpy()
+    denominator = np.var(a0_64 + v64, ddof=1) if a0_64.size > 1 else 0.0
+    stats["explained_variance"] = 0.0 if denominator == 0 else float(1 - np.var(a0_64, ddof=1) / denominator)
+    return stats, _numpy(params), {"minibatches_evaluated": len(tracked["approx_kl"]), "optimizer_steps": steps}

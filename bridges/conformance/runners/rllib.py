@@ -1,0 +1,137 @@
+"""RLlib runner: ``MettaPPOLearner`` built with ``config.build_learner()`` (no Ray cluster).
+
+The RLModule is ``ActorCriticModule``: the case's ``ActorCritic`` as an RLlib ``TorchRLModule``
+with ``ValueFunctionAPI`` (Categorical logits, or ``[mean, log_std]`` for RLlib's diagonal
+Gaussian). The batch is the case buffer in the bridge's Metta layout (``bridges.rllib.layout``):
+flat ``[segments * horizon]`` columns, every slot valid (``LOSS_MASK`` all True), ``ADVANTAGES``
+from the bridge's ``first_pass_advantage``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.core.rl_module.torch import TorchRLModule
+from ray.rllib.models.torch.torch_distributions import TorchCategorical, TorchDiagGaussian
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+from metta_core.errors import MettaError
+from metta_core.policy import ActorCritic
+
+from bridges.rllib import MettaColumns, metta_loss_terms, metta_ppo_config
+from bridges.rllib.layout import first_pass_advantage
+from bridges.rllib.learner import ADAM_EPS
+
+from bridges.conformance.cases import Case
+from bridges.conformance.reference import PHASE_STAT_NAMES, Measurement
+from bridges.conformance.runners import one_step, snapshot, spaces
+
+RLLIB_BETAS = (0.9, 0.999)
+"""Adam betas of ``MettaPPOLearner`` (torch defaults; not configurable through RLlib's config)."""
+
+STAT_KEYS = {"value_loss": "vf_loss"}
+"""Metta stat name -> the learner's metric key, where they differ."""
+
+PREFIX = "net."
+"""Prefix of the ``ActorCritic`` parameter names inside ``ActorCriticModule``."""
+
+
+class ActorCriticModule(TorchRLModule, ValueFunctionAPI):
+    """``metta_core.policy.ActorCritic`` as an RLlib module; ``model_config = {"hidden": [...]}``."""
+
+    def setup(self) -> None:
+        self.net = ActorCritic(self.observation_space, self.action_space, tuple(self.model_config.get("hidden", ())))
+
+    def _forward(self, batch, **kwargs):
+        out = self.net.actor(batch[Columns.OBS].float())
+        if self.net.continuous:
+            out = torch.cat([out, self.net.log_std.expand_as(out)], dim=-1)
+        return {Columns.ACTION_DIST_INPUTS: out}
+
+    def compute_values(self, batch, embeddings=None):
+        return self.net.critic(batch[Columns.OBS].float()).squeeze(-1)
+
+    def get_train_action_dist_cls(self):
+        return TorchDiagGaussian if self.net.continuous else TorchCategorical
+
+    get_inference_action_dist_cls = get_train_action_dist_cls
+    get_exploration_action_dist_cls = get_train_action_dist_cls
+
+
+def _check_expressible(case: Case) -> None:
+    opt = case.config["optimizer"]
+    if tuple(opt["betas"]) != RLLIB_BETAS:
+        raise MettaError(f"case {case.name!r}, field 'optimizer.betas': rllib cannot express betas {opt['betas']}; "
+                         f"MettaPPOLearner uses Adam betas {list(RLLIB_BETAS)}")
+    if opt["eps"] != ADAM_EPS:
+        raise MettaError(f"case {case.name!r}, field 'optimizer.eps': rllib cannot express eps {opt['eps']}; "
+                         f"MettaPPOLearner uses Adam eps {ADAM_EPS}")
+
+
+def _learner(case: Case):
+    """A built ``MettaPPOLearner`` holding the case's initial weights."""
+    _check_expressible(case)
+    trainer = case.config["trainer"]
+    fields = {k: trainer[k] for k in ("batch_size", "bptt_horizon", "minibatch_size", "max_minibatch_size",
+                                      "update_epochs", "total_timesteps")}
+    config = (
+        metta_ppo_config(None, **case.config["ppo"], **fields)
+        .training(lr=case.config["optimizer"]["lr"])
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=ActorCriticModule,
+                                               model_config={"hidden": list(case.config["policy"]["hidden"])}))
+    )
+    learner = config.build_learner(spaces={DEFAULT_MODULE_ID: spaces(case)})
+    module = learner.module[DEFAULT_MODULE_ID].unwrapped()
+    module.net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in case.weights.items()}, strict=True)
+    return learner, module
+
+
+def _columns(case: Case) -> dict[str, torch.Tensor]:
+    """The whole buffer as flat Metta-layout columns with ``A0`` from the bridge."""
+    data = case.tensors()
+    n = data["values"].numel()
+    batch = {
+        Columns.OBS: data["env_obs"].reshape(n, -1),
+        Columns.ACTIONS: data["actions"].reshape(n, *data["actions"].shape[2:]),
+        Columns.ACTION_LOGP: data["act_log_prob"].reshape(n),
+        Columns.VF_PREDS: data["values"].reshape(n),
+        Columns.REWARDS: data["rewards"].reshape(n),
+        Columns.TERMINATEDS: data["dones"].reshape(n),
+        Columns.LOSS_MASK: torch.ones(n, dtype=torch.bool),
+    }
+    batch[Columns.ADVANTAGES] = first_pass_advantage(batch, case.trainer.bptt_horizon, case.ppo)
+    return batch
+
+
+def run(case: Case) -> Measurement:
+    """The one-minibatch check (the learner's loss and optimizer) and one ``learner.update`` phase."""
+    ppo, trainer = case.ppo, case.trainer
+    horizon = trainer.bptt_horizon
+    learner, module = _learner(case)
+    columns = _columns(case)
+    idx = torch.from_numpy(case.idx)
+    minibatch = {c: v.reshape(-1, horizon, *v.shape[1:])[idx].reshape(-1, *v.shape[1:]) for c, v in columns.items()}
+    minibatch[MettaColumns.PRIO_WEIGHTS] = torch.from_numpy(case.prio_weights.copy()).expand(-1, horizon).reshape(-1)
+    fwd = learner.module.forward_train({DEFAULT_MODULE_ID: minibatch})
+    loss = learner.compute_losses(fwd_out=fwd, batch={DEFAULT_MODULE_ID: minibatch})[DEFAULT_MODULE_ID]
+    terms = metta_loss_terms(module, minibatch, fwd[DEFAULT_MODULE_ID], ppo, horizon)
+    optimizers = [opt for _, opt in learner.get_optimizers_for_module(DEFAULT_MODULE_ID)]
+    grads, after_step = one_step(loss, list(module.named_parameters()), optimizers, ppo.max_grad_norm, PREFIX)
+
+    learner, module = _learner(case)
+    learner.set_state({"metta_loss": {
+        "anneal_beta": ppo.prioritized_experience_replay.prio_beta0,
+        "epoch": case.config["trainer_epoch"],
+        "generator": torch.Generator().manual_seed(case.config["sample_seed"]).get_state().numpy(),
+    }})
+    results = learner.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(_columns(case))},
+                                                   env_steps=int(np.prod(case.data["values"].shape))))
+    metrics = results[DEFAULT_MODULE_ID]
+    phase = {k: float(metrics[STAT_KEYS.get(k, k)].peek()) for k in PHASE_STAT_NAMES if STAT_KEYS.get(k, k) in metrics}
+    return Measurement(terms={"loss": float(loss.detach()), **terms.stats()}, grads=grads,
+                       params_after_step=after_step, phase_stats=phase,
+                       params_after_phase=snapshot(module.named_parameters(), PREFIX))

@@ -1,0 +1,127 @@
+"""TorchRL runner: ``bridges.torchrl.MettaPPOLoss`` on ``[B, T]`` tensordicts, ``MettaSegmentSampler`` for the phase.
+
+Layout (SPEC §1): TorchRL's ``("next", "reward")[:, t]`` is the case's ``rewards[:, t+1]`` (and
+likewise ``terminated`` from ``dones``, ``truncated`` from ``truncateds``). TorchRL's last column
+has no Metta counterpart; it is filled with ``UNUSED_LAST_REWARD`` and a terminal flag, which a
+conforming loss never reads.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict
+from tensordict.nn import TensorDictModule
+from torch import nn
+from torchrl.modules import IndependentNormal, ProbabilisticActor, ValueOperator
+
+from bridges.torchrl import MettaPPOLoss, MettaSegmentSampler
+
+from bridges.conformance.cases import Case
+from bridges.conformance.reference import PHASE_STAT_NAMES, Measurement
+from bridges.conformance.runners import actor_critic, one_step, optimizer, snapshot
+
+UNUSED_LAST_REWARD = 123.0
+"""Reward placed after the last action of every row; Metta never reads it (SPEC §1)."""
+
+LOSS_KEYS = ("loss_objective", "loss_critic", "loss_entropy")
+
+
+class _NormalHead(nn.Module):
+    """``obs -> (loc, scale)`` sharing the ``ActorCritic``'s actor MLP and ``log_std`` parameters."""
+
+    def __init__(self, actor: nn.Module, log_std: nn.Parameter) -> None:
+        super().__init__()
+        self.actor = actor
+        self.log_std = log_std
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc = self.actor(obs)
+        return loc, self.log_std.exp().expand_as(loc)
+
+
+def policy_modules(case: Case) -> tuple[ProbabilisticActor, ValueOperator, nn.Module]:
+    """TorchRL actor and critic holding the parameters of a fresh ``ActorCritic`` (also returned).
+
+    Discrete: ``Categorical`` over the actor's ``logits``; continuous: ``IndependentNormal`` with
+    ``loc`` the actor's output and ``scale = exp(log_std)``. The critic writes ``state_value``.
+    """
+    policy = actor_critic(case)
+    if policy.continuous:
+        head = TensorDictModule(_NormalHead(policy.actor, policy.log_std), in_keys=["observation"],
+                                out_keys=["loc", "scale"])
+        actor = ProbabilisticActor(head, in_keys=["loc", "scale"], distribution_class=IndependentNormal,
+                                   return_log_prob=True)
+    else:
+        head = TensorDictModule(policy.actor, in_keys=["observation"], out_keys=["logits"])
+        actor = ProbabilisticActor(head, in_keys=["logits"], distribution_class=torch.distributions.Categorical,
+                                   return_log_prob=True)
+    return actor, ValueOperator(policy.critic, in_keys=["observation"]), policy
+
+
+def _loss(case: Case) -> tuple[MettaPPOLoss, nn.Module]:
+    """``MettaPPOLoss`` over ``policy_modules(case)``, and the ``ActorCritic`` whose parameters it trains."""
+    actor, critic, policy = policy_modules(case)
+    return MettaPPOLoss(actor, critic, case.ppo), policy
+
+
+def _batch(case: Case, loss: MettaPPOLoss) -> TensorDict:
+    """The case buffer as a collected ``[segments, horizon]`` TorchRL batch (keys from ``loss.tensor_keys``)."""
+    data = case.tensors()
+    keys = loss.tensor_keys
+    next_reward = torch.full_like(data["rewards"], UNUSED_LAST_REWARD)
+    next_reward[:, :-1] = data["rewards"][:, 1:]
+    terminated = torch.ones_like(data["dones"], dtype=torch.bool)
+    terminated[:, :-1] = data["dones"][:, 1:].bool()
+    truncated = torch.zeros_like(terminated)
+    truncated[:, :-1] = data["truncateds"][:, 1:].bool()
+    return TensorDict(
+        {
+            "observation": data["env_obs"],
+            keys.action: data["actions"],
+            keys.sample_log_prob: data["act_log_prob"],
+            keys.value: data["values"].unsqueeze(-1),
+            "next": {keys.reward: next_reward.unsqueeze(-1), keys.terminated: terminated.unsqueeze(-1),
+                     "truncated": truncated.unsqueeze(-1), keys.done: (terminated | truncated).unsqueeze(-1)},
+        },
+        batch_size=list(data["values"].shape),
+    )
+
+
+def _terms(out: TensorDict) -> dict[str, float]:
+    names = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "importance", "current_logprobs")
+    return {"loss": float(sum(out[k] for k in LOSS_KEYS).detach()), **{k: float(out[k]) for k in names}}
+
+
+def run(case: Case) -> Measurement:
+    """The one-minibatch check on rows ``case.idx`` and a whole training phase through the sampler."""
+    ppo, trainer = case.ppo, case.trainer
+    loss, policy = _loss(case)
+    batch = _batch(case, loss)
+    minibatch = batch[torch.from_numpy(case.idx)]
+    minibatch.set(loss.tensor_keys.priority_weight,
+                  torch.from_numpy(case.prio_weights.copy()).expand(-1, trainer.bptt_horizon).contiguous())
+    out = loss(minibatch)
+    grads, after_step = one_step(sum(out[k] for k in LOSS_KEYS), list(policy.named_parameters()),
+                                 [optimizer(case, loss.parameters())], ppo.max_grad_norm)
+
+    loss, policy = _loss(case)
+    opt = optimizer(case, loss.parameters())
+    accumulate = trainer.sizes["accumulate_minibatches"]
+    sampler = MettaSegmentSampler(loss, minibatch_segments=trainer.sizes["minibatch_segments"],
+                                  total_timesteps=trainer.total_timesteps, update_epochs=trainer.update_epochs,
+                                  generator=torch.Generator().manual_seed(case.config["sample_seed"]))
+    for mb_idx, mb in sampler.phase(_batch(case, loss), epoch=case.config["trainer_epoch"]):
+        stop = loss.target_kl_reached(mb_idx)
+        mb_out = loss(mb)
+        if stop:
+            break
+        if mb_idx % accumulate == 0:
+            opt.zero_grad()
+        sum(mb_out[k] for k in LOSS_KEYS).backward()
+        if (mb_idx + 1) % accumulate == 0:
+            torch.nn.utils.clip_grad_norm_(list(loss.parameters()), ppo.max_grad_norm)
+            opt.step()
+    stats = loss.stats()
+    return Measurement(terms=_terms(out), grads=grads, params_after_step=after_step,
+                       phase_stats={k: stats[k] for k in PHASE_STAT_NAMES if k in stats},
+                       params_after_phase=snapshot(policy.named_parameters()))

@@ -1,0 +1,115 @@
+"""Case files: deterministic generation, coverage of the matrix, and errors for bad files."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+
+from bridges.conformance.cases import CASE_SPECS, CASES_DIR, CaseError, case_paths, generate, load_case, write_npz
+from bridges.conformance.report import run_cases
+from tests.conformance.conftest import copy_case, edit_json
+
+
+def test_regenerating_gives_identical_files(tmp_path):
+    generate(tmp_path)
+    stored = sorted(p.name for p in CASES_DIR.iterdir() if p.suffix in (".json", ".npz"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == stored
+    for name in stored:
+        assert (tmp_path / name).read_bytes() == (CASES_DIR / name).read_bytes(), name
+
+
+def test_every_stored_case_loads():
+    cases = [load_case(p) for p in case_paths()]
+    assert [c.name for c in cases] == sorted(s.name for s in CASE_SPECS)
+    for case in cases:
+        assert (case.expected is None) == (case.expected_error is not None)
+
+
+def test_matrix_covers_the_issue_list():
+    cases = {c.name: c for c in map(load_case, case_paths())}
+    ppo = {n: c.config["ppo"] for n, c in cases.items()}
+    trainer = {n: c.config["trainer"] for n, c in cases.items()}
+    alphas = {p["prioritized_experience_replay"]["prio_alpha"] for n, p in ppo.items() if cases[n].config["trainer_epoch"]}
+    assert {0.0, 0.6, 1.0} <= alphas  # with annealed beta (trainer_epoch > 0)
+    assert any(p["vtrace"]["rho_clip"] < 1 and p["vtrace"]["c_clip"] < 1 for p in ppo.values())
+    assert any(p["vtrace"]["rho_clip"] > 1 and p["vtrace"]["c_clip"] > 1 for p in ppo.values())
+    for flag in ("clip_vloss", "norm_adv"):
+        assert {p[flag] for p in ppo.values()} == {True, False}
+    stop = [n for n, p in ppo.items() if p["target_kl"] is not None]
+    assert stop
+    for n in stop:  # the early stop happens: one minibatch evaluated without a step, the phase cut short
+        counts, t = cases[n].phase_counts, trainer[n]
+        assert counts["minibatches_evaluated"] == counts["optimizer_steps"] + 1
+        assert counts["minibatches_evaluated"] < t["update_epochs"] * t["batch_size"] // t["minibatch_size"]
+    assert {1, 2} <= {t["bptt_horizon"] for t in trainer.values()}
+    assert any(t["batch_size"] == t["bptt_horizon"] for t in trainer.values())  # a single segment
+    assert any(t["minibatch_size"] > t["max_minibatch_size"] for t in trainer.values())  # accumulation
+    kinds = {(c.config["policy"]["action"]["kind"], bool(c.config["policy"]["hidden"])) for c in cases.values()}
+    assert kinds == {("discrete", True), ("discrete", False), ("continuous", True), ("continuous", False)}
+    dones = cases["dones_edges_truncations"].data["dones"]
+    assert dones[:, 1].any() and dones[:, -1].any() and (dones[:, 1:] * dones[:, :-1]).any()  # starts, ends, runs
+    assert any(c.data["truncateds"].any() for c in cases.values())
+    assert cases["norm_adv_single_element"].expected_error == "at least 2 elements"
+
+
+def _rewrite_npz(path, edit):
+    with np.load(path) as archive:
+        arrays = dict(archive)
+    edit(arrays)
+    write_npz(path, arrays)
+
+
+BAD_FILES = {
+    "truncated npz": (lambda p: p.with_suffix(".npz").write_bytes(p.with_suffix(".npz").read_bytes()[:700]), "npz"),
+    "truncated json": (lambda p: p.write_text(p.read_text()[:500]), "json"),
+    "NaN in values": (lambda p: _rewrite_npz(p.with_suffix(".npz"), lambda a: a["data/values"].__setitem__((1, 2), np.nan)),
+                      "data/values"),
+    "rewards shape": (lambda p: _rewrite_npz(p.with_suffix(".npz"), lambda a: a.update({"data/rewards": a["data/rewards"][:, :-1]})),
+                      "data/rewards"),
+    "missing weight": (lambda p: _rewrite_npz(p.with_suffix(".npz"), lambda a: a.pop("weights/critic.0.bias")),
+                       "weights/critic.0.bias"),
+    "manifest mismatch": (lambda p: edit_json(p, lambda d: d["arrays"]["data/env_obs"].update(shape=[8, 8, 4])),
+                          "arrays.data/env_obs"),
+    "unknown ppo field": (lambda p: edit_json(p, lambda d: d["ppo"].update(clip_cof=0.2)), "ppo.clip_cof"),
+    "out-of-range gamma": (lambda p: edit_json(p, lambda d: d["ppo"].update(gamma=1.5)), "ppo.gamma"),
+    "indivisible sizes": (lambda p: edit_json(p, lambda d: d["trainer"].update(minibatch_size=12)), "trainer"),
+    "unsupported action kind": (lambda p: edit_json(p, lambda d: d["policy"]["action"].update(kind="multidiscrete")),
+                                "policy.action.kind"),
+    "missing expected term": (lambda p: edit_json(p, lambda d: d["expected"]["terms"].pop("clipfrac")),
+                              "expected.terms.clipfrac"),
+}
+
+
+@pytest.mark.parametrize("damage", BAD_FILES)
+def test_bad_case_file_names_case_and_field(case_dir, damage):
+    path = copy_case("defaults_discrete_mlp", case_dir)
+    corrupt, field = BAD_FILES[damage]
+    corrupt(path)
+    with pytest.raises(CaseError, match="defaults_discrete_mlp") as info:
+        load_case(path)
+    assert info.value.case == "defaults_discrete_mlp"
+    assert info.value.field == field, str(info.value)
+    assert field in str(info.value)
+
+
+def test_bad_files_are_errors_and_the_run_continues(case_dir):
+    good = copy_case("horizon_2", case_dir)
+    bad = copy_case("defaults_discrete_mlp", case_dir)
+    BAD_FILES["NaN in values"][0](bad)
+    results = run_cases([bad, good], ["core"])
+    assert [(r.case, r.status) for r in results] == [("defaults_discrete_mlp", "ERROR"), ("horizon_2", "PASS")]
+    assert "data/values" in results[0].message and "non-finite" in results[0].message
+
+
+def test_garbage_npz_member_is_reported(case_dir):
+    path = copy_case("horizon_2", case_dir)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("data/values.npy", b"\x93NUMPY not really")
+    path.with_suffix(".npz").write_bytes(buffer.getvalue())
+    with pytest.raises(CaseError) as info:
+        load_case(path)
+    assert info.value.field == "data/values"

@@ -1,0 +1,96 @@
+"""Every stored case through every framework: quick cases by default, the whole matrix with -m slow."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from bridges.conformance import runners
+from bridges.conformance.cases import CASES_DIR, case_paths, load_case, quick_names
+from bridges.conformance.report import TOLERANCES, compare, run_one
+from bridges.conformance.runners import FRAMEWORKS
+
+ALL = [p.stem for p in case_paths()]
+QUICK = quick_names()
+
+
+def _available(framework: str) -> bool:
+    try:
+        runners.load_runner(framework)
+    except runners.BridgeUnavailable:
+        return False
+    return True
+
+
+def _check(name: str, framework: str) -> None:
+    if not _available(framework):
+        pytest.skip(f"{framework}: bridge unavailable")
+    result = run_one(load_case(CASES_DIR / f"{name}.json"), framework)
+    assert result.status == "PASS", result.message
+    for quantity, diff in result.diffs.items():
+        assert diff is None or diff <= TOLERANCES[quantity], quantity
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("name", QUICK)
+def test_quick_case(name, framework):
+    _check(name, framework)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("name", sorted(set(ALL) - set(QUICK)))
+def test_every_case(name, framework):
+    _check(name, framework)
+
+
+def test_expected_error_passes_only_when_raised():
+    case = load_case(CASES_DIR / "norm_adv_single_element.json")
+    result = run_one(case, "core")
+    assert result.status == "PASS" and "at least 2 elements" in result.message
+    case.config["ppo"]["norm_adv"] = False  # now the run succeeds, which is not what the case expects
+    result = run_one(case, "core")
+    assert result.status == "FAIL" and "expected an error" in result.message
+
+
+def test_a_diverging_implementation_fails():
+    """The checks are sharp: a small change of one setting shows up in every quantity."""
+    case = load_case(CASES_DIR / "defaults_discrete_mlp.json")
+    case.config["ppo"]["gamma"] = 0.97
+    result = run_one(case, "core")
+    assert result.status == "FAIL"
+    assert all(result.diffs[q] > TOLERANCES[q] for q in ("terms", "grads", "params_after_phase")), result.diffs
+
+
+def test_missing_quantity_is_a_failure():
+    case = load_case(CASES_DIR / "horizon_2.json")
+    got = runners.load_runner("core").run(case)
+    del got.terms["clipfrac"]
+    got.grads.pop("critic.0.bias")
+    result = compare(case, "core", got)
+    assert result.status == "FAIL"
+    assert "terms: clipfrac not reported" in result.message and "grads: critic.0.bias not reported" in result.message
+
+
+def test_unavailable_bridge_is_an_error_not_a_pass(monkeypatch):
+    real = importlib.import_module
+
+    def fake(name, *args):
+        if name == "bridges.conformance.runners.torchrl":
+            raise ImportError("No module named 'torchrl'")
+        return real(name, *args)
+
+    monkeypatch.setattr(runners.importlib, "import_module", fake)
+    result = run_one(load_case(CASES_DIR / "horizon_2.json"), "torchrl")
+    assert result.status == "ERROR"
+    assert result.message == "error: bridge unavailable: ImportError: No module named 'torchrl'"
+
+
+@pytest.mark.skipif(not _available("rllib"), reason="rllib bridge unavailable")
+def test_config_rllib_cannot_express_is_an_error():
+    case = load_case(CASES_DIR / "horizon_2.json")
+    case.config["optimizer"]["eps"] = 1e-8
+    result = run_one(case, "rllib")
+    assert result.status == "ERROR"
+    assert "'horizon_2'" in result.message and "'optimizer.eps'" in result.message

@@ -1,0 +1,49 @@
+"""Native equivalence matrix: agreement under the mapping, and every listed divergence is real."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridges.conformance import native
+from bridges.conformance.cases import CASES_DIR, load_case
+
+pytest.importorskip("torchrl")
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return native.equivalence_problem(load_case(CASES_DIR / "defaults_discrete_mlp.json"))
+
+
+def _diff(a, b, items):
+    return native._diff(a, b, items)[0]
+
+
+@pytest.mark.parametrize("norm_adv", [True, False])
+def test_torchrl_clip_ppo_equals_metta_under_the_mapping(problem, norm_adv):
+    p = problem.edit(ppo={"norm_adv": norm_adv})
+    assert _diff(native.metta(p), native.torchrl(p), ("policy_loss", "value_loss", "entropy", "grads")) <= 1e-6
+
+
+def test_rllib_value_loss_and_entropy_equal_metta_under_the_mapping(problem):
+    pytest.importorskip("ray.rllib")
+    p = problem.edit(ppo={"clip_vloss": False})
+    metta, rllib = native.metta(p), native.rllib(p)
+    assert _diff(metta, rllib, ("value_loss", "entropy")) <= 1e-6
+    assert abs(metta["policy_loss"] - rllib["policy_loss"]) > 1e-4  # the normalization divergence
+
+
+def test_unmapped_reward_index_diverges(problem):
+    assert _diff(native.metta(problem), native.torchrl(problem, shift_rewards=False), ("value_loss",)) > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["defaults_discrete_mlp", "continuous_mlp"])
+def test_matrix(name):
+    rows = native.matrix(load_case(CASES_DIR / f"{name}.json"))
+    assert not [r for r in rows if r.error]
+    for row in rows:
+        if row.equivalent:
+            assert row.size <= native.EQUIVALENCE_TOLERANCE, (row.framework, row.name, row.worst)
+        else:
+            assert row.size > 1e-4, (row.framework, row.name, row.size)
