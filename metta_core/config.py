@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from metta_core.errors import MettaError
 
 
+ADAM_EPS = 1e-12
+"""Epsilon of Metta's Adam optimizer (betas 0.9, 0.999); every framework's trainer uses it."""
+
+
 class Config(BaseModel):
     """Base for all metta_core configs: strict fields, validated assignment, dotted overrides."""
 
@@ -186,5 +190,6 @@ __all__ = [
     "PPOConfig",
     "TrainerConfig",
     "buffer_sizes",
+    "ADAM_EPS",
     "MettaError",
 ]

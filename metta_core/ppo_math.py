@@ -69,12 +69,17 @@ def prioritized_sample(
 class PPOTerms:
     """What one minibatch of Metta PPO computes (SPEC §4.5-4.7); all tensors.
 
-    ``loss`` is differentiable; the other scalars are the tracked stats. ``ratio``,
+    ``loss = policy_loss + entropy_term + value_term`` is differentiable, with
+    ``entropy_term = -ent_coef * entropy`` and ``value_term = vf_coef * value_loss`` (what
+    TorchRL calls ``loss_entropy`` and ``loss_critic``); the other scalars are the tracked stats.
+    ``count`` is the number of elements the means ran over (the valid ones under a mask). ``ratio``,
     ``advantages`` (normalized and priority-weighted) and ``returns`` are kept for bridges
     that log or reuse them.
     """
 
     loss: Tensor
+    entropy_term: Tensor
+    value_term: Tensor
     policy_loss: Tensor
     value_loss: Tensor
     entropy: Tensor
@@ -85,6 +90,7 @@ class PPOTerms:
     ratio: Tensor
     advantages: Tensor
     returns: Tensor
+    count: int
 
     STATS = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "importance", "current_logprobs")
 
@@ -141,7 +147,9 @@ def ppo_minibatch_loss(
         loss = policy_loss - ent_coef * entropy.mean() + vf_coef * value_loss
 
     ``approx_kl = ((ratio - 1) - logratio).mean()`` uses the unclamped log-ratio. With a boolean
-    ``mask`` (padding), means and the normalization statistics run over its elements only.
+    ``mask`` (padding), means and the normalization statistics run over its elements only; with
+    no valid element every term is a zero still connected to the graph (so a learner with an
+    empty shard makes the same backward and collective calls as the others).
     """
     named = {
         "old_logprob": old_logprob, "new_logprob": new_logprob, "entropy": entropy,
@@ -155,8 +163,13 @@ def ppo_minibatch_loss(
             f"({values.shape[0]}, 1) (one weight per segment) or {tuple(values.shape)}"
         )
 
+    count = values.numel() if mask is None else int(mask.sum())
+
     def mean(x: Tensor) -> Tensor:
-        return x.mean() if mask is None else x[mask].mean()
+        if mask is None:
+            return x.mean()
+        # no valid element (an empty shard among several learners): a zero that keeps the graph
+        return x[mask].mean() if count else (x * 0.0).sum()
 
     logratio = new_logprob - old_logprob
     ratio = logratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
@@ -181,7 +194,9 @@ def ppo_minibatch_loss(
     else:
         value_loss = 0.5 * mean(v_loss_unclipped)
     entropy_mean = mean(entropy)
-    loss = policy_loss - cfg.ent_coef * entropy_mean + cfg.vf_coef * value_loss
+    entropy_term = -cfg.ent_coef * entropy_mean
+    value_term = cfg.vf_coef * value_loss
+    loss = policy_loss + entropy_term + value_term
 
     with torch.no_grad():
         approx_kl = mean((ratio - 1) - logratio)
@@ -189,9 +204,10 @@ def ppo_minibatch_loss(
         importance = mean(ratio)
         current_logprobs = mean(new_logprob)
     return PPOTerms(
-        loss=loss, policy_loss=policy_loss, value_loss=value_loss, entropy=entropy_mean,
+        loss=loss, entropy_term=entropy_term, value_term=value_term, policy_loss=policy_loss, value_loss=value_loss, entropy=entropy_mean,
         approx_kl=approx_kl, clipfrac=clipfrac, importance=importance,
         current_logprobs=current_logprobs, ratio=ratio, advantages=adv, returns=returns,
+        count=count,
     )
 
 

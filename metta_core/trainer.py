@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from metta_core.config import PPOConfig, TrainerConfig
+from metta_core.config import ADAM_EPS, PPOConfig, TrainerConfig
 from metta_core.errors import MettaError
 from metta_core.experience import Experience
 from metta_core.gym_env import GymVectorEnvironment
@@ -123,8 +123,7 @@ class CoreRun:
         self.policy = ActorCritic(
             self.env.single_observation_space, self.env.single_action_space, (args.hidden_size,) * 2
         ).to(self.device)
-        # Metta's optimizer defaults: Adam(beta1=0.9, beta2=0.999, eps=1e-12)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=args.learning_rate, eps=1e-12)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=args.learning_rate, eps=ADAM_EPS)
         self.generator = torch.Generator().manual_seed(args.seed)
         self.ppo = PPO(self.policy, self.trainer_cfg, self.env, self.device, "ppo", self.ppo_cfg, self.generator)
         spec = self.policy.get_agent_experience_spec().merge(self.ppo.get_experience_spec())

@@ -30,10 +30,10 @@ from ray.rllib.utils.typing import ModuleID
 from bridges.rllib.config import metta_settings
 from bridges.rllib.layout import LAYOUT_COLUMNS, MettaColumns, MettaLayoutConnector, check_metta_batch, empty_slots
 from bridges.rllib.loss import metta_module_loss, rllib_stats
+from metta_core.config import ADAM_EPS
 from metta_core.errors import MettaError
 from metta_core.ppo_math import PPOTerms, anneal_beta, explained_variance, prioritized_sample
 
-ADAM_EPS = 1e-12
 """Adam's epsilon in Metta's trainer (``metta_core.trainer``); RLlib's default is 1e-8."""
 
 METTA_STATE_KEY = "metta_loss"
@@ -109,7 +109,7 @@ class MettaPPOLearner(TorchLearner):
 
     def record_metta_terms(self, module_id: ModuleID, terms: PPOTerms) -> None:
         """Track one minibatch's stats (SPEC §4.7); a minibatch without valid slots is not tracked."""
-        if not bool(torch.isnan(terms.policy_loss.detach())):
+        if terms.count:
             for name, value in terms.stats().items():
                 self._metta_tracked[module_id][name].append(value)
 

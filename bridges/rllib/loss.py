@@ -8,7 +8,6 @@ Learner (a stock one too) calls it through RLlib's ``SelfSupervisedLossAPI``.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict
 
 import torch
@@ -42,8 +41,8 @@ def metta_loss_terms(
     ``ACTION_LOGP``, ``VF_PREDS``, ``REWARDS``, ``TERMINATEDS`` (Metta's index convention),
     ``ADVANTAGES`` (``A0``), ``LOSS_MASK`` and optional ``MettaColumns.PRIO_WEIGHTS``.
     A minibatch without any valid slot (an empty shard on one of several learners) still runs
-    the normalization's collective call; its loss is ``0 * outputs`` so that the backward pass
-    (and DDP's gradient all-reduce) happens on every learner.
+    the normalization's collective call, and its loss is a graph-connected zero, so the backward
+    pass (and DDP's gradient all-reduce) happens on every learner.
     """
     if not isinstance(module, ValueFunctionAPI):
         raise MettaError(
@@ -76,8 +75,6 @@ def metta_loss_terms(
         prio_weights=None if prio is None else prio.reshape(rows),
         mask=mask,
     )
-    if not bool(mask.any()):
-        terms = dataclasses.replace(terms, loss=0.0 * (new_logprob.sum() + entropy.sum() + new_values.sum()))
     return terms
 
 

@@ -341,8 +341,8 @@ class MettaPPOLoss(LossModule):
         out = TensorDict(
             {
                 "loss_objective": terms.policy_loss,
-                "loss_critic": cfg.vf_coef * terms.value_loss,
-                "loss_entropy": -cfg.ent_coef * terms.entropy,
+                "loss_critic": terms.value_term,
+                "loss_entropy": terms.entropy_term,
                 "entropy": terms.entropy.detach(),
                 "kl_approx": terms.approx_kl,
                 "clip_fraction": terms.clipfrac,

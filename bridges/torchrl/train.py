@@ -32,6 +32,7 @@ from torchrl.modules import ProbabilisticActor, ValueOperator
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
+from metta_core.config import ADAM_EPS
 from metta_core.errors import MettaError
 from metta_core.policy import mlp
 from metta_core.runlog import RunLogger
@@ -117,8 +118,7 @@ class TorchRLRun:
             self.loss: MettaPPOLoss | ClipPPOLoss = native_clip_ppo(self.actor, self.critic, args)
         else:
             self.loss = MettaPPOLoss(self.actor, self.critic, self.ppo_cfg)
-        # Metta's optimizer: Adam(beta1=0.9, beta2=0.999, eps=1e-12)
-        self.optimizer = torch.optim.Adam(self.loss.parameters(), lr=args.learning_rate, eps=1e-12)
+        self.optimizer = torch.optim.Adam(self.loss.parameters(), lr=args.learning_rate, eps=ADAM_EPS)
         self.generator = torch.Generator().manual_seed(args.seed)
         self.sampler = MettaSegmentSampler(
             self.loss, minibatch_segments=self.sizes["minibatch_segments"], total_timesteps=args.total_timesteps,

@@ -157,3 +157,21 @@ def test_prioritized_sample_prefers_large_advantages():
 def test_prioritized_sample_bad_count():
     with pytest.raises(MettaError, match=r"num_segments \(5\) must be in 1..segments \(4\)"):
         prioritized_sample(torch.zeros(4, 3), 5, prio_alpha=0.0, prio_beta=0.6)
+
+
+def test_empty_mask_gives_a_graph_connected_zero():
+    data, params = make_minibatch(seed=8)
+    terms = ppo_minibatch_loss(PPOConfig(norm_adv=False), **data, **params, mask=torch.zeros(4, 8, dtype=torch.bool))
+    assert terms.count == 0 and terms.loss.item() == 0.0 and terms.loss.requires_grad
+    assert all(v == 0.0 for v in terms.stats().values())
+    terms.loss.backward()
+    assert all(torch.all(p.grad == 0) for p in params.values())
+
+
+def test_weighted_terms_sum_to_loss_bit_for_bit():
+    cfg = PPOConfig()
+    data, params = make_minibatch(seed=9)
+    terms = ppo_minibatch_loss(cfg, **data, **params)
+    assert torch.equal(terms.entropy_term, -cfg.ent_coef * terms.entropy)
+    assert torch.equal(terms.value_term, cfg.vf_coef * terms.value_loss)
+    assert torch.equal(terms.loss, terms.policy_loss - cfg.ent_coef * terms.entropy + cfg.vf_coef * terms.value_loss)

@@ -24,7 +24,7 @@ from metta_core.policy import ActorCritic
 
 from bridges.rllib import MettaColumns, metta_loss_terms, metta_ppo_config
 from bridges.rllib.layout import first_pass_advantage
-from bridges.rllib.learner import ADAM_EPS
+from metta_core.config import ADAM_EPS
 
 from bridges.conformance.cases import Case
 from bridges.conformance.reference import PHASE_STAT_NAMES, Measurement
