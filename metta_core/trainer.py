@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -192,6 +192,13 @@ class CoreRun:
         self.experience.load_state_dict(state["experience"])
         self.returns.load_state_dict(state["returns"])
 
+    @property
+    def env_steps(self) -> int:
+        return self.context.agent_step
+
+    def close(self) -> None:
+        self.env.close()
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(self.state_dict(), path)
@@ -202,34 +209,63 @@ class CoreRun:
         self.load_state_dict(torch.load(path, weights_only=False))
 
 
+class TrainingRun(Protocol):
+    """What ``drive`` needs from a framework's run: one iteration at a time, save, close."""
+
+    returns: ReturnTracker
+
+    @property
+    def env_steps(self) -> int: ...
+
+    def iteration(self) -> dict[str, float]:
+        """Collect and train once; the row to log (with cumulative ``env_steps``)."""
+        ...
+
+    def save(self, path: Path) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def drive(
+    run: TrainingRun, args: TrainArgs, label: str, *, out_dir: Path | None = None,
+    checkpoint: Path | None = None, resumed: bool = False,
+) -> dict[str, Any]:
+    """The training loop every framework shares: log each iteration, checkpoint every
+    ``args.checkpoint_every`` iterations and at the end, stop at the budget or (with
+    ``args.stop_at_target``) at the target return; returns the run's summary."""
+    logger = RunLogger(
+        out_dir or args.out_dir, args.total_timesteps, metrics_format=args.metrics_format,
+        progress=args.progress, resume=resumed, title=f"{label} {args.env} seed {args.seed}",
+    )
+    started = time.perf_counter()
+    iteration = 0
+    try:
+        while run.env_steps < args.total_timesteps:
+            logger.log(run.iteration())
+            iteration += 1
+            if checkpoint and args.checkpoint_every and iteration % args.checkpoint_every == 0:
+                run.save(checkpoint)
+            if args.stop_at_target and run.returns.reached:
+                break
+        if checkpoint:
+            run.save(checkpoint)
+    finally:
+        curve = logger.close()
+        run.close()
+    return {
+        "framework": label,
+        "env_steps": run.env_steps,
+        "episode_return_mean": run.returns.mean,
+        "steps_to_target": run.returns.steps_to_target,
+        "wall_time_s": time.perf_counter() - started,
+        "metrics": str(logger.metrics_path),
+        "learning_curve": str(curve),
+    }
+
+
 def train(args: TrainArgs) -> dict[str, Any]:
     """Run the core trainer; returns a summary (env steps, final mean return, steps to target)."""
     run = CoreRun(args)
     if args.resume is not None:
         run.load(args.resume)
-    logger = RunLogger(
-        args.out_dir, args.total_timesteps, metrics_format=args.metrics_format, progress=args.progress,
-        resume=args.resume is not None, title=f"core {args.env} seed {args.seed}",
-    )
-    iteration = 0
-    try:
-        while run.context.agent_step < args.total_timesteps:
-            logger.log(run.iteration())
-            iteration += 1
-            if args.save_checkpoint and args.checkpoint_every and iteration % args.checkpoint_every == 0:
-                run.save(args.save_checkpoint)
-            if args.stop_at_target and run.returns.reached:
-                break
-        if args.save_checkpoint:
-            run.save(args.save_checkpoint)
-    finally:
-        curve = logger.close()
-        run.env.close()
-    return {
-        "framework": "core",
-        "env_steps": run.context.agent_step,
-        "episode_return_mean": run.returns.mean,
-        "steps_to_target": run.returns.steps_to_target,
-        "metrics": str(logger.metrics_path),
-        "learning_curve": str(curve),
-    }
+    return drive(run, args, "core", checkpoint=args.save_checkpoint, resumed=args.resume is not None)

@@ -27,8 +27,7 @@ from ray.rllib.utils.metrics import (
 from bridges.rllib.config import metta_ppo_config
 from bridges.rllib.module import OrthogonalInitPPOModule
 from metta_core.errors import MettaError
-from metta_core.runlog import RunLogger
-from metta_core.trainer import ReturnTracker, TrainArgs
+from metta_core.trainer import ReturnTracker, TrainArgs, drive
 
 LEARNER_KEYS = (
     "policy_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "importance", "current_logprobs",
@@ -119,74 +118,51 @@ def build_native_config(args: TrainArgs):
     return _rllib_settings(native, args)
 
 
-def _row(result: dict, returns: ReturnTracker, started: float, steps_before: int) -> dict[str, float]:
-    """One metrics row; ``episode_return_mean`` is the mean of the last 100 episodes (as the core's)."""
-    runners = result.get(ENV_RUNNER_RESULTS, {})
-    learner = result.get(LEARNER_RESULTS, {}).get(DEFAULT_MODULE_ID, {})
-    steps = int(runners.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))
-    # an item series of one episode arrives as a bare number
-    returns.add(np.ravel(np.asarray(runners.get(EPISODE_RETURNS_KEY, []), dtype=np.float64)).tolist(), steps)
-    row = {
-        "env_steps": steps,
-        "episode_return_mean": returns.mean,
-        "episodes": returns.episodes,
-        "steps_per_second": (steps - steps_before) / max(time.perf_counter() - started, 1e-9),
-    }
-    row.update({k: float(learner[k]) for k in LEARNER_KEYS if k in learner})
-    if "vf_loss" in row:
-        row["value_loss"] = row["vf_loss"]  # Metta's name, shown by the progress bar
-    return row
-
-
 RETURNS_FILE = "metta_returns.json"
 """Saved next to RLlib's checkpoint files: the 100-episode return window, so a resumed run keeps it."""
 
 
-def _save(algo, returns: ReturnTracker, checkpoint) -> None:
-    algo.save_to_path(os.path.abspath(checkpoint))
-    (Path(checkpoint) / RETURNS_FILE).write_text(json.dumps(returns.state_dict()))
+class RLlibRun:
+    """An RLlib ``Algorithm`` seen as a ``metta_core.trainer.TrainingRun`` (one ``train()`` per iteration)."""
 
+    def __init__(self, config, args: TrainArgs, resume=None) -> None:
+        if resume is not None and not Path(resume).exists():
+            raise MettaError(f"checkpoint {resume} does not exist; check --resume")
+        self.algo = config.build_algo()
+        self.returns = ReturnTracker(args.target_return)
+        self.env_steps = 0
+        if resume is not None:
+            self.algo.restore_from_path(os.path.abspath(resume))
+            if (Path(resume) / RETURNS_FILE).exists():
+                self.returns.load_state_dict(json.loads((Path(resume) / RETURNS_FILE).read_text()))
 
-def _run(config, args: TrainArgs, label: str, out_dir, *, checkpoint=None, resume=None) -> dict[str, Any]:
-    if resume is not None and not Path(resume).exists():
-        raise MettaError(f"checkpoint {resume} does not exist; check --resume")
-    algo = config.build_algo()
-    returns = ReturnTracker(args.target_return)
-    if resume is not None:
-        algo.restore_from_path(os.path.abspath(resume))
-        if (Path(resume) / RETURNS_FILE).exists():
-            returns.load_state_dict(json.loads((Path(resume) / RETURNS_FILE).read_text()))
-    logger = RunLogger(
-        out_dir, args.total_timesteps, metrics_format=args.metrics_format, progress=args.progress,
-        resume=resume is not None, title=f"{label} {args.env} seed {args.seed}",
-    )
-    started_run = time.perf_counter()
-    steps, row, iteration = 0, {}, 0
-    try:
-        while steps < args.total_timesteps:
-            started = time.perf_counter()
-            row = _row(algo.train(), returns, started, steps)
-            steps = int(row["env_steps"])
-            logger.log(row)
-            iteration += 1
-            if checkpoint and args.checkpoint_every and iteration % args.checkpoint_every == 0:
-                _save(algo, returns, checkpoint)
-            if returns.reached and args.stop_at_target:
-                break
-        if checkpoint:
-            _save(algo, returns, checkpoint)
-    finally:
-        curve = logger.close()
-        algo.stop()
-    return {
-        "framework": label,
-        "env_steps": steps,
-        "episode_return_mean": returns.mean,
-        "steps_to_target": returns.steps_to_target,
-        "wall_time_s": time.perf_counter() - started_run,
-        "metrics": str(logger.metrics_path),
-        "learning_curve": str(curve),
-    }
+    def iteration(self) -> dict[str, float]:
+        """One ``algo.train()``; ``episode_return_mean`` is the mean of the last 100 episodes (as the core's)."""
+        started = time.perf_counter()
+        result = self.algo.train()
+        runners = result.get(ENV_RUNNER_RESULTS, {})
+        learner = result.get(LEARNER_RESULTS, {}).get(DEFAULT_MODULE_ID, {})
+        steps = int(runners.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))
+        # an item series of one episode arrives as a bare number
+        self.returns.add(np.ravel(np.asarray(runners.get(EPISODE_RETURNS_KEY, []), dtype=np.float64)).tolist(), steps)
+        row = {
+            "env_steps": steps,
+            "episode_return_mean": self.returns.mean,
+            "episodes": self.returns.episodes,
+            "steps_per_second": (steps - self.env_steps) / max(time.perf_counter() - started, 1e-9),
+        }
+        self.env_steps = steps
+        row.update({k: float(learner[k]) for k in LEARNER_KEYS if k in learner})
+        if "vf_loss" in row:
+            row["value_loss"] = row["vf_loss"]  # Metta's name, shown by the progress bar
+        return row
+
+    def save(self, checkpoint) -> None:
+        self.algo.save_to_path(os.path.abspath(checkpoint))
+        (Path(checkpoint) / RETURNS_FILE).write_text(json.dumps(self.returns.state_dict()))
+
+    def close(self) -> None:
+        self.algo.stop()
 
 
 def train(args: TrainArgs) -> dict[str, Any]:
@@ -202,11 +178,11 @@ def train(args: TrainArgs) -> dict[str, Any]:
         else:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     try:
-        summary = _run(
-            build_config(args), args, "rllib", args.out_dir, checkpoint=args.save_checkpoint, resume=args.resume
-        )
+        run = RLlibRun(build_config(args), args, resume=args.resume)
+        summary = drive(run, args, "rllib", checkpoint=args.save_checkpoint, resumed=args.resume is not None)
         if args.compare_native:
-            summary["native"] = _run(build_native_config(args), args, "rllib-native", args.out_dir / "native")
+            native = RLlibRun(build_native_config(args), args)
+            summary["native"] = drive(native, args, "rllib-native", out_dir=args.out_dir / "native")
     finally:
         if started_ray:
             ray.shutdown()

@@ -35,8 +35,7 @@ from torchrl.objectives.value import GAE
 from metta_core.config import ADAM_EPS
 from metta_core.errors import MettaError
 from metta_core.policy import mlp
-from metta_core.runlog import RunLogger
-from metta_core.trainer import ReturnTracker, TrainArgs
+from metta_core.trainer import ReturnTracker, TrainArgs, drive
 
 from bridges.torchrl.layout import TIME_DIM_NAME
 from bridges.torchrl.loss import MettaPPOLoss
@@ -247,31 +246,4 @@ def train(args: TrainArgs) -> dict[str, Any]:
     if args.resume is not None:
         run.load(args.resume)
     name = "torchrl-native" if run.native else "torchrl"
-    logger = RunLogger(
-        args.out_dir, args.total_timesteps, metrics_format=args.metrics_format, progress=args.progress,
-        resume=args.resume is not None, title=f"{name} {args.env} seed {args.seed}",
-    )
-    started = time.perf_counter()
-    iteration = 0
-    try:
-        while run.env_steps < args.total_timesteps:
-            logger.log(run.iteration())
-            iteration += 1
-            if args.save_checkpoint and args.checkpoint_every and iteration % args.checkpoint_every == 0:
-                run.save(args.save_checkpoint)
-            if args.stop_at_target and run.returns.reached:
-                break
-        if args.save_checkpoint:
-            run.save(args.save_checkpoint)
-    finally:
-        curve = logger.close()
-        run.close()
-    return {
-        "framework": name,
-        "env_steps": run.env_steps,
-        "episode_return_mean": run.returns.mean,
-        "steps_to_target": run.returns.steps_to_target,
-        "wall_time_s": time.perf_counter() - started,
-        "metrics": str(logger.metrics_path),
-        "learning_curve": str(curve),
-    }
+    return drive(run, args, name, checkpoint=args.save_checkpoint, resumed=args.resume is not None)
