@@ -110,6 +110,20 @@ class ReturnTracker:
         self.steps_to_target = state["steps_to_target"]
 
 
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write a run's ``state_dict`` with ``torch.save``, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by ``save_checkpoint``; a missing file names ``--resume``."""
+    if not Path(path).exists():
+        raise MettaError(f"checkpoint {path} does not exist; check --resume")
+    return torch.load(path, weights_only=False)  # our own files: RNG states and pickled envs
+
+
 class CoreRun:
     """Everything a core training run holds, built from ``TrainArgs``."""
 
@@ -200,13 +214,10 @@ class CoreRun:
         self.env.close()
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(), path)
+        save_checkpoint(self.state_dict(), path)
 
     def load(self, path: Path) -> None:
-        if not Path(path).exists():
-            raise MettaError(f"checkpoint {path} does not exist; check --resume")
-        self.load_state_dict(torch.load(path, weights_only=False))
+        self.load_state_dict(load_checkpoint(path))
 
 
 class TrainingRun(Protocol):

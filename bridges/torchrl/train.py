@@ -35,7 +35,7 @@ from torchrl.objectives.value import GAE
 from metta_core.config import ADAM_EPS
 from metta_core.errors import MettaError
 from metta_core.policy import mlp
-from metta_core.trainer import ReturnTracker, TrainArgs, drive
+from metta_core.trainer import ReturnTracker, TrainArgs, drive, load_checkpoint, save_checkpoint
 
 from bridges.torchrl.layout import TIME_DIM_NAME
 from bridges.torchrl.loss import MettaPPOLoss
@@ -227,14 +227,10 @@ class TorchRLRun:
         torch.set_rng_state(state["torch_rng"])
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(), path)
+        save_checkpoint(self.state_dict(), path)
 
     def load(self, path: Path) -> None:
-        if not Path(path).exists():
-            raise MettaError(f"checkpoint {path} does not exist; check --resume")
-        self.load_state_dict(torch.load(path, weights_only=False))
+        self.load_state_dict(load_checkpoint(path))
 
     def close(self) -> None:
         self.collector.shutdown()
