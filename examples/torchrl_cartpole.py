@@ -1,7 +1,7 @@
-"""Train CartPole-v1 with Metta's PPO inside TorchRL (or TorchRL's own ClipPPOLoss with --native).
+"""Train CartPole-v1 with Metta's PPO inside TorchRL (and, with --native, TorchRL's own ClipPPOLoss after it).
 
     python examples/torchrl_cartpole.py                  # MettaPPOLoss + Metta's segment sampler
-    python examples/torchrl_cartpole.py --native         # ClipPPOLoss + GAE, same pipeline
+    python examples/torchrl_cartpole.py --native         # then ClipPPOLoss + GAE, same pipeline
     python examples/torchrl_cartpole.py --seed 2 --out-dir runs/cartpole-s2
 
 The loop, step by step (the pieces live in bridges/torchrl/train.py):
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--total-timesteps", type=int, default=500_000)
     parser.add_argument("--out-dir", type=Path, default=Path("runs/torchrl_cartpole"))
-    parser.add_argument("--native", action="store_true", help="train TorchRL's ClipPPOLoss + GAE instead")
+    parser.add_argument("--native", action="store_true", help="also train TorchRL's ClipPPOLoss + GAE on the same pipeline")
     parser.add_argument("--checkpoint", type=Path, default=None, help="save a checkpoint here at the end")
     parser.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint")
     cli = parser.parse_args()

@@ -4,7 +4,8 @@ Pipeline: a batched gymnasium env wrapped by TorchRL's ``GymWrapper`` -> ``Colle
 actor and critic (the critic records ``state_value`` at collection) -> ``[num_envs, S]`` batch
 reshaped into ``[segments, bptt_horizon]`` rows -> ``MettaSegmentSampler`` minibatches ->
 ``MettaPPOLoss`` -> Adam with Metta's settings and ``clip_grad_norm_(max_grad_norm)``.
-With ``compare_native`` the same pipeline trains TorchRL's ``ClipPPOLoss`` + ``GAE`` instead.
+With ``compare_native`` the same pipeline then also trains TorchRL's ``ClipPPOLoss`` + ``GAE``
+(summary under ``"native"``, metrics in ``out_dir/native``).
 
 Checkpoints hold the actor and critic, optimizer, loss ``state_dict`` (coefficients,
 ``anneal_beta``, stat tracker, config), sampler generator, torch RNG, trainer epoch and step
@@ -96,7 +97,7 @@ def native_clip_ppo(actor: ProbabilisticActor, critic: ValueOperator, args: Trai
 class TorchRLRun:
     """Everything a TorchRL training run holds, built from ``TrainArgs``."""
 
-    def __init__(self, args: TrainArgs) -> None:
+    def __init__(self, args: TrainArgs, native: bool = False) -> None:
         self.args = args
         self.sizes = args.trainer_config().sizes
         self.ppo_cfg = args.ppo_config()
@@ -112,7 +113,7 @@ class TorchRLRun:
         self.env = make_env(args.env, args.num_envs, args.seed)
         self.actor, self.critic = make_actor_critic(self.env, args.hidden_size)
         self.policy = TensorDictSequential(self.actor, self.critic)
-        self.native = args.compare_native
+        self.native = native
         if self.native:
             self.loss: MettaPPOLoss | ClipPPOLoss = native_clip_ppo(self.actor, self.critic, args)
         else:
@@ -209,7 +210,7 @@ class TorchRLRun:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = {k: v for k, v in state["args"].items() if k in ("env", "num_envs", "batch_size", "bptt_horizon",
-                                                                 "hidden_size", "compare_native")}
+                                                                 "hidden_size")}
         current = {k: getattr(self.args, k) for k in saved}
         if saved != current:
             raise MettaError(f"resume: the checkpoint was made with {saved}, this run has {current}; use the same settings")
@@ -237,9 +238,11 @@ class TorchRLRun:
 
 
 def train(args: TrainArgs) -> dict[str, Any]:
-    """Train with Metta's PPO in TorchRL (TorchRL's ClipPPOLoss with ``compare_native``); returns a summary."""
+    """Train with Metta's PPO in TorchRL, then (``compare_native``) with TorchRL's ClipPPOLoss; returns a summary."""
     run = TorchRLRun(args)
     if args.resume is not None:
         run.load(args.resume)
-    name = "torchrl-native" if run.native else "torchrl"
-    return drive(run, args, name, checkpoint=args.save_checkpoint, resumed=args.resume is not None)
+    summary = drive(run, args, "torchrl", checkpoint=args.save_checkpoint, resumed=args.resume is not None)
+    if args.compare_native:
+        summary["native"] = drive(TorchRLRun(args, native=True), args, "torchrl-native", out_dir=args.out_dir / "native")
+    return summary

@@ -54,8 +54,9 @@ def test_train_hook_writes_metrics_checkpoint_and_resumes(tmp_path):
 
 def test_native_clip_ppo_comparison_runs(tmp_path):
     summary = train(TrainArgs(**TINY, out_dir=tmp_path, total_timesteps=512, compare_native=True))
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert summary["framework"] == "torchrl-native" and math.isfinite(rows[-1]["loss_objective"])
+    rows = [json.loads(line) for line in (tmp_path / "native" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["framework"] == "torchrl" and summary["native"]["framework"] == "torchrl-native"
+    assert math.isfinite(rows[-1]["loss_objective"]) and (tmp_path / "metrics.jsonl").exists()
 
 
 def test_batch_must_split_into_rows(tmp_path):
