@@ -1,10 +1,10 @@
 """Compiled CPU advantage kernel (numba), bit-identical to the sequential float32 loop.
 
-Layout: rows are processed four at a time. Pass 1 reads each row forward (prefetch-friendly,
-vectorizable) into a small scratch of TD errors ``delta`` and trace coefficients ``coef``;
+Layout: rows are processed four at a time in two passes. Pass 1 reads each row forward
+(prefetch-friendly, vectorizable) into a small scratch of TD errors ``delta`` and trace coefficients ``coef``;
 pass 2 runs the four independent recursions ``A[t] = delta[t] + coef[t] * A[t+1]``
-interleaved, so their latency overlaps instead of one chain stalling the core; pass 3 copies
-the scratch out. Blocks of rows are spread over numba's threads (``numba.set_num_threads``).
+interleaved, so their latency overlaps instead of one chain stalling the core, and writes the
+four output rows directly. Blocks of rows are spread over numba's threads (``numba.set_num_threads``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ def _row_terms(v, r, d, w, gamma, gl, rho_clip, c_clip, delta, coef):
         wt = w[t]
         delta[t] = min(wt, rho_clip) * (r[t + 1] + gamma * v[t + 1] * nnt - v[t])
         coef[t] = gl * min(wt, c_clip) * nnt
-    delta[h - 1] = 0.0
 
 
 @numba.njit(cache=True, boundscheck=False)
@@ -34,25 +33,26 @@ def _block(values, rewards, dones, ratio, s0, n_rows, gamma, gl, rho_clip, c_cli
         s = s0 + i
         _row_terms(values[s], rewards[s], dones[s], ratio[s], gamma, gl, rho_clip, c_clip, delta[i], coef[i])
     h = values.shape[1]
+    zero = np.float32(0.0)
+    for i in range(n_rows):
+        out[s0 + i, h - 1] = zero
     if n_rows == _ROWS_PER_BLOCK:  # pass 2: four interleaved recursions
-        a0 = a1 = a2 = a3 = np.float32(0.0)
+        a0 = a1 = a2 = a3 = zero
         for t in range(h - 2, -1, -1):
             a0 = delta[0, t] + coef[0, t] * a0
             a1 = delta[1, t] + coef[1, t] * a1
             a2 = delta[2, t] + coef[2, t] * a2
             a3 = delta[3, t] + coef[3, t] * a3
-            delta[0, t] = a0
-            delta[1, t] = a1
-            delta[2, t] = a2
-            delta[3, t] = a3
+            out[s0, t] = a0
+            out[s0 + 1, t] = a1
+            out[s0 + 2, t] = a2
+            out[s0 + 3, t] = a3
     else:
         for i in range(n_rows):
-            a = np.float32(0.0)
+            a = zero
             for t in range(h - 2, -1, -1):
                 a = delta[i, t] + coef[i, t] * a
-                delta[i, t] = a
-    for i in range(n_rows):  # pass 3
-        out[s0 + i, :] = delta[i, :]
+                out[s0 + i, t] = a
 
 
 @numba.njit(cache=True, parallel=True, boundscheck=False)
