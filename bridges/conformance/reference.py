@@ -132,19 +132,33 @@ def minibatch_terms(ppo: Mapping[str, Any], params, policy, rows: Mapping[str, T
     flat_obs = rows["env_obs"].reshape(mb * horizon, -1)
     flat_actions = rows["actions"].reshape(mb * horizon, *rows["actions"].shape[2:])
     logprob, entropy, new_values = (x.reshape(mb, horizon) for x in policy_forward(params, policy, flat_obs, flat_actions))
-    logratio = logprob - rows["act_log_prob"]
+    return loss_terms(ppo, logprob=logprob, old_logprob=rows["act_log_prob"], entropy=entropy, new_values=new_values,
+                      values=rows["values"], rewards=rows["rewards"], dones=rows["dones"], first_adv=first_adv,
+                      prio_weights=prio_weights)
+
+
+def loss_terms(ppo: Mapping[str, Any], *, logprob: Tensor, old_logprob: Tensor, entropy: Tensor, new_values: Tensor,
+               values: Tensor, rewards: Tensor, dones: Tensor, first_adv: Tensor,
+               prio_weights: Tensor | None) -> dict[str, Tensor]:
+    """SPEC §4.5-4.6 from the policy's outputs on ``[mb, horizon]`` rows (``TERM_NAMES``).
+
+    The advantage is recomputed with the current ratio, normalized (``norm_adv``) and weighted;
+    the returns use the first-pass advantage ``first_adv``; ``loss`` carries the graph.
+    """
+    logratio = logprob - old_logprob
     ratio = torch.exp(torch.clamp(logratio, -10.0, 10.0))
     vtrace = ppo["vtrace"]
-    adv = torch.from_numpy(advantage(rows["values"], rows["rewards"], rows["dones"], ratio.detach(), ppo["gamma"],
+    adv = torch.from_numpy(advantage(values, rewards, dones, ratio.detach(), ppo["gamma"],
                                      ppo["gae_lambda"], vtrace["rho_clip"], vtrace["c_clip"]))
     if ppo["norm_adv"]:
         adv = normalize(adv)
-    adv = prio_weights * adv
+    if prio_weights is not None:
+        adv = prio_weights * adv
     clip = ppo["clip_coef"]
     policy_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
-    returns = first_adv + rows["values"]
+    returns = first_adv + values
     if ppo["clip_vloss"]:
-        v_clipped = rows["values"] + torch.clamp(new_values - rows["values"], -ppo["vf_clip_coef"], ppo["vf_clip_coef"])
+        v_clipped = values + torch.clamp(new_values - values, -ppo["vf_clip_coef"], ppo["vf_clip_coef"])
         value_loss = 0.5 * torch.max((new_values - returns) ** 2, (v_clipped - returns) ** 2).mean()
     else:
         value_loss = 0.5 * ((new_values - returns) ** 2).mean()
@@ -177,10 +191,15 @@ def beta(ppo, trainer, epoch: int) -> float:
         1, trainer["total_timesteps"] // trainer["batch_size"])
 
 
-def sample_segments(first_adv: Tensor, count: int, alpha: float, beta_: float, generator: torch.Generator):
-    """SPEC §4.3 in float32: ``(idx, prio_w)`` with ``prio_w`` of shape ``[count, 1]``."""
+def segment_probabilities(first_adv: Tensor, alpha: float) -> Tensor:
+    """SPEC §4.3 in float32: ``p = (sum_t |A0|)^alpha`` (NaN/inf as 0), then ``(p + 1e-6) / (sum p + 1e-6)``."""
     p = torch.nan_to_num(first_adv.abs().sum(dim=1) ** alpha, 0, 0, 0)
-    p = (p + 1e-6) / (p.sum() + 1e-6)
+    return (p + 1e-6) / (p.sum() + 1e-6)
+
+
+def sample_segments(first_adv: Tensor, count: int, alpha: float, beta_: float, generator: torch.Generator):
+    """SPEC §4.3: ``(idx, prio_w)`` with ``prio_w`` of shape ``[count, 1]``."""
+    p = segment_probabilities(first_adv, alpha)
     idx = torch.multinomial(p, count, replacement=False, generator=generator)
     return idx, (first_adv.shape[0] * p[idx, None]) ** -beta_
 
