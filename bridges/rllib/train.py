@@ -133,6 +133,9 @@ class RLlibRun:
         self.env_steps = 0
         if resume is not None:
             self.algo.restore_from_path(os.path.abspath(resume))
+            # RLlib's lifetime step counter is restored; start from it, so the first row's
+            # steps_per_second counts only the steps of that iteration
+            self.env_steps = int(self.algo.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
             if (Path(resume) / RETURNS_FILE).exists():
                 self.returns.load_state_dict(json.loads((Path(resume) / RETURNS_FILE).read_text()))
 
