@@ -149,6 +149,7 @@ class MettaPPOLoss(LossModule):
         self.convert_to_functional(actor_network, "actor_network")
         self.convert_to_functional(critic_network, "critic_network")
         self._base_config = base
+        self._config_cache: tuple[dict[str, float], PPOConfig] | None = None
         device = next(iter(self.parameters()), torch.empty(0)).device
         for name in COEFFICIENTS:
             self.register_coeff_buffer(name, getattr(base, name), device=device, dtype=torch.float64)
@@ -178,10 +179,19 @@ class MettaPPOLoss(LossModule):
 
     @property
     def config(self) -> PPOConfig:
-        """The ``PPOConfig`` this loss computes with: the base config plus the current buffers."""
-        cfg = self._base_config.model_copy(deep=True)
-        _validated_update(cfg, {name: float(getattr(self, name)) for name in COEFFICIENTS}, "MettaPPOLoss")
-        return cfg
+        """The ``PPOConfig`` this loss computes with: the base config plus the current buffers (a copy)."""
+        return self._current_config().model_copy(deep=True)
+
+    def _current_config(self) -> PPOConfig:
+        """``config`` for the loss's own reading, not to be modified. It is rebuilt and validated only
+        when a coefficient buffer changed since the last call (``_base_config`` changes reset it):
+        a deep copy and validation per minibatch cost as much as the loss's own tensor work."""
+        coefficients = {name: float(getattr(self, name)) for name in COEFFICIENTS}
+        if self._config_cache is None or self._config_cache[0] != coefficients:
+            cfg = self._base_config.model_copy(deep=True)
+            _validated_update(cfg, coefficients, "MettaPPOLoss")
+            self._config_cache = (coefficients, cfg)
+        return self._config_cache[1]
 
     # --- keys ---------------------------------------------------------------------------------
 
@@ -261,6 +271,7 @@ class MettaPPOLoss(LossModule):
                 self._base_config, {ESTIMATOR_CONFIG_FIELDS[k]: v for k, v in hyperparams.items()},
                 "make_value_estimator",
             )
+            self._config_cache = None
             cfg = self._base_config
             self._value_estimator = MettaAdvantage(
                 gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, rho_clip=cfg.vtrace.rho_clip,
@@ -309,9 +320,10 @@ class MettaPPOLoss(LossModule):
         """One minibatch of Metta PPO on a ``[B, T]`` tensordict; see the class docstring."""
         who = type(self).__name__
         check_batch_time(tensordict, who)
-        td = tensordict.clone(False)
         keys = self.tensor_keys
+        td = tensordict  # read only: the networks get selections of their inputs
         if td.get(keys.advantage, None) is None:
+            td = tensordict.clone(False)  # the first pass writes advantage and value_target: not into the caller's
             self.first_pass(td)
 
         first_adv = read_bt(td, keys.advantage, field="advantage", who=who)
@@ -328,7 +340,7 @@ class MettaPPOLoss(LossModule):
         new_values = self._new_values(td)
         rewards, dones = metta_rewards_dones(next_reward, next_terminated)
 
-        cfg = self.config
+        cfg = self._current_config()
         terms = ppo_minibatch_loss(
             cfg, old_logprob=old_logprob.detach(), new_logprob=new_logprob, entropy=entropy,
             new_values=new_values, values=values.detach(), rewards=rewards, dones=dones,
@@ -380,7 +392,7 @@ class MettaPPOLoss(LossModule):
         if action.requires_grad:
             raise MettaError(f"{who}: the stored action {self.tensor_keys.action!r} requires grad; detach it")
         with self.actor_network_params.to_module(self.actor_network):
-            dist = self.actor_network.get_dist(td)
+            dist = self.actor_network.get_dist(td.select(*self.actor_network.in_keys))
         log_prob = dist.log_prob(action)
         try:
             entropy = dist.entropy()
@@ -455,6 +467,7 @@ class MettaPPOLoss(LossModule):
                 f"{sorted(expected)}; the checkpoint was not written by this loss"
             )
         self._base_config = PPOConfig.model_validate(state["config"])
+        self._config_cache = None
         self._tracker = {name: list(state["tracker"].get(name, [])) for name in PPOTerms.STATS}
         self._phase_explained_variance = state["explained_variance"]
 
