@@ -124,8 +124,9 @@ def check_metta_batch(batch: Mapping[str, Any], horizon: int, *, where: str) -> 
     return n // horizon
 
 
-def _episode_slots(episode) -> dict[str, np.ndarray]:
-    """One episode chunk as its ``L + 1`` Metta slots (see module docstring), numpy."""
+def _episode_arrays(episode) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One episode chunk of ``L`` steps as numpy ``(observations [L+1], actions [L], rewards [L],
+    action log-probs [L])``; raises if a column is missing or has the wrong length."""
     length = len(episode)
     obs = np.asarray(episode.get_observations())
     actions = np.asarray(episode.get_actions())
@@ -144,6 +145,10 @@ def _episode_slots(episode) -> dict[str, np.ndarray]:
             f"actions and {logp.shape[0]} {Columns.ACTION_LOGP!r} for length {length}; expected {length + 1}, "
             f"{length}, {length}"
         )
+    return obs, actions, rewards, logp
+
+
+def _check_finite_rewards(episode, rewards: np.ndarray) -> None:
     if not np.isfinite(rewards).all():
         raise MettaError(
             f"MettaLayoutConnector: column {Columns.REWARDS!r} of episode {episode.id_!r} has non-finite "
@@ -151,48 +156,55 @@ def _episode_slots(episode) -> dict[str, np.ndarray]:
             f"fix the environment or wrap it to emit finite rewards"
         )
 
-    def append(values: np.ndarray, last) -> np.ndarray:
-        return np.concatenate([values, np.full((1, *values.shape[1:]), last, dtype=values.dtype)])
-
-    dones = np.zeros(length + 1, dtype=np.float32)
-    dones[length] = float(episode.is_terminated)
-    return {
-        Columns.OBS: obs,
-        Columns.ACTIONS: append(actions, 0),
-        Columns.ACTION_LOGP: append(logp, 0.0),
-        # metta.rewards[t+1] = rllib.rewards[t]; metta.dones[L] = terminated.
-        Columns.REWARDS: np.concatenate([np.zeros(1, dtype=np.float32), rewards]),
-        Columns.TERMINATEDS: dones,
-        Columns.LOSS_MASK: append(np.ones(length, dtype=bool), False),
-    }
-
 
 def pack_chunks(episodes: list, horizon: int) -> dict[str, np.ndarray] | None:
     """Lay episode chunks end to end into rows of ``horizon`` (see module docstring); ``None`` if empty.
 
     Terminated chunks first, in order; each truncated chunk is preceded by the padding that puts its
-    last slot in a row's last column; masked padding closes the last row.
+    last slot in a row's last column; masked padding closes the last row. A chunk of ``L`` steps
+    starting at slot ``s`` fills ``obs[s:s+L+1]``, ``actions``, ``action_logp`` and the mask
+    ``[s:s+L]``, ``rewards[s+1:s+L+1]`` (``metta.rewards[t+1] = rllib.rewards[t]``) and
+    ``dones[s+L] = terminated``; every other slot is zero (mask False). The columns are allocated
+    once and filled in place (no per-chunk arrays), since RLlib batches hold hundreds of chunks.
     """
     ordered = [e for e in episodes if e.is_terminated] + [e for e in episodes if not e.is_terminated]
-    pieces: list[dict[str, np.ndarray]] = []
-    fill = 0
-    for episode in ordered:
-        slots = _episode_slots(episode)
-        n = len(slots[Columns.OBS])
-        pad = 0 if episode.is_terminated else -(fill + n) % horizon
-        if pad:
-            pieces.append(_padding_like(slots, pad))
-        pieces.append(slots)
-        fill = (fill + pad + n) % horizon
-    if not pieces:
+    if not ordered:
         return None
-    if fill:
-        pieces.append(_padding_like(pieces[-1], horizon - fill))
-    return {c: np.concatenate([p[c] for p in pieces]) for c in pieces[0]}
+    chunks = [_episode_arrays(episode) for episode in ordered]
+    starts, end = [], 0
+    for episode, (obs, *_) in zip(ordered, chunks):
+        if not episode.is_terminated:
+            end += -(end + len(obs)) % horizon
+        starts.append(end)
+        end += len(obs)
+    total = -(-end // horizon) * horizon
 
+    def zeros(i: int) -> np.ndarray:
+        parts = [chunk[i] for chunk in chunks]
+        return np.zeros((total, *parts[0].shape[1:]), dtype=np.result_type(*parts))
 
-def _padding_like(slots: Mapping[str, np.ndarray], num_slots: int) -> dict[str, np.ndarray]:
-    return {c: np.zeros((num_slots, *v.shape[1:]), dtype=v.dtype) for c, v in slots.items()}
+    obs_col, actions_col, rewards_col, logp_col = (zeros(i) for i in range(4))
+    dones_col = np.zeros(total, dtype=np.float32)
+    mask_col = np.zeros(total, dtype=bool)
+    for s, episode, (obs, actions, rewards, logp) in zip(starts, ordered, chunks):
+        length = len(actions)
+        obs_col[s : s + length + 1] = obs
+        actions_col[s : s + length] = actions
+        logp_col[s : s + length] = logp
+        rewards_col[s + 1 : s + length + 1] = rewards
+        dones_col[s + length] = float(episode.is_terminated)
+        mask_col[s : s + length] = True
+    if not np.isfinite(rewards_col).all():
+        for episode, (_, _, rewards, _) in zip(ordered, chunks):
+            _check_finite_rewards(episode, rewards)
+    return {
+        Columns.OBS: obs_col,
+        Columns.ACTIONS: actions_col,
+        Columns.ACTION_LOGP: logp_col,
+        Columns.REWARDS: rewards_col,
+        Columns.TERMINATEDS: dones_col,
+        Columns.LOSS_MASK: mask_col,
+    }
 
 
 def empty_slots(module, num_slots: int) -> dict[str, np.ndarray]:
