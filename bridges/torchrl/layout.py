@@ -17,10 +17,13 @@ Only layout lives here: no RL formula.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 from torch import Tensor
+from torch.nn.functional import pad
 
 from metta_core.errors import MettaError
 
@@ -76,12 +79,14 @@ def read_bt(
     who: str,
     configured: NestedKey | None = None,
     float32: bool = True,
+    check_finite: bool = True,
 ) -> Tensor:
     """``td[key]`` as a ``[B, T]`` tensor (a trailing feature dim of size 1 is dropped).
 
-    With ``float32`` the entry must be float32 and finite; otherwise (flags) bool, integer or
-    floating. Every failure names the key, shape or dtype, and the ``set_keys`` call for
-    ``field`` (whose current value is ``configured``, ``key`` when not given).
+    With ``float32`` the entry must be float32 and finite (with ``check_finite=False`` the caller
+    checks finiteness, e.g. of several entries at once with :func:`require_finite`); otherwise
+    (flags) bool, integer or floating. Every failure names the key, shape or dtype, and the
+    ``set_keys`` call for ``field`` (whose current value is ``configured``, ``key`` when not given).
     """
     x = td.get(key, None)
     if x is None:
@@ -103,15 +108,33 @@ def read_bt(
                 f"{who}: {key!r} ({field}) has dtype {x.dtype}, expected torch.float32; cast it with "
                 f"td[{key!r}] = td[{key!r}].float()"
             )
-        if not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            raise MettaError(
-                f"{who}: {key!r} ({field}) holds {bad} non-finite value(s) (NaN or inf); the loss "
-                f"would be NaN. Check the environment / network that produced {key!r}"
-            )
+        if check_finite:
+            _require_finite(x, key, field, who)
     elif x.dtype.is_complex:
         raise MettaError(f"{who}: {key!r} ({field}) has dtype {x.dtype}, expected bool, integer or float")
     return x
+
+
+def _require_finite(x: Tensor, key: NestedKey, field: str, who: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise MettaError(
+            f"{who}: {key!r} ({field}) holds {bad} non-finite value(s) (NaN or inf); the loss "
+            f"would be NaN. Check the environment / network that produced {key!r}"
+        )
+
+
+def require_finite(entries: Sequence[tuple[NestedKey, str, Tensor]], who: str) -> None:
+    """``read_bt``'s finiteness check of several ``(key, field, tensor)`` entries in one reduction.
+
+    The sum of all elements is finite unless an element is NaN or inf (or the sum overflows,
+    where the per-entry check below finds nothing and passes); only then is each entry checked,
+    and the first with a non-finite element raises ``read_bt``'s error.
+    """
+    if bool(torch.isfinite(torch.stack([x.sum() for _, _, x in entries]).sum())):
+        return
+    for key, field, x in entries:
+        _require_finite(x, key, field, who)
 
 
 def metta_rewards_dones(next_reward: Tensor, next_terminated: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,7 +143,5 @@ def metta_rewards_dones(next_reward: Tensor, next_terminated: Tensor) -> tuple[T
     Returns Metta's ``rewards``, ``dones`` (float32): column ``t+1`` holds TorchRL's column ``t``,
     column 0 is 0 (never read), TorchRL's last column is dropped (SPEC §1).
     """
-    dones = next_terminated.to(torch.float32)
-    pad_r = next_reward.new_zeros(next_reward.shape[0], 1)
-    pad_d = dones.new_zeros(dones.shape[0], 1)
-    return torch.cat([pad_r, next_reward[:, :-1]], dim=1), torch.cat([pad_d, dones[:, :-1]], dim=1)
+    shift = (1, 0)  # one zero column on the left of the last dim
+    return pad(next_reward[:, :-1], shift), pad(next_terminated[:, :-1].to(torch.float32), shift)

@@ -24,7 +24,7 @@ from metta_core.errors import MettaError
 from metta_core.ppo_math import PPOTerms, explained_variance, ppo_minibatch_loss
 
 from bridges.torchrl.estimator import MettaAdvantage
-from bridges.torchrl.layout import check_batch_time, metta_rewards_dones, read_bt
+from bridges.torchrl.layout import check_batch_time, metta_rewards_dones, read_bt, require_finite
 
 COEFFICIENTS = ("clip_coef", "ent_coef", "vf_coef", "vf_clip_coef")
 """``PPOConfig`` fields held as schedulable buffers (``loss.ent_coef = 0.005``)."""
@@ -326,16 +326,19 @@ class MettaPPOLoss(LossModule):
             td = tensordict.clone(False)  # the first pass writes advantage and value_target: not into the caller's
             self.first_pass(td)
 
-        first_adv = read_bt(td, keys.advantage, field="advantage", who=who)
-        values = read_bt(td, keys.value, field="value", who=who)
-        next_reward = read_bt(td, ("next", keys.reward), field="reward", who=who, configured=keys.reward)
+        def read(key: NestedKey, field: str, configured: NestedKey | None = None) -> tuple[NestedKey, str, Tensor]:
+            return key, field, read_bt(td, key, field=field, who=who, configured=configured, check_finite=False)
+
+        entries = [read(keys.advantage, "advantage"), read(keys.value, "value"),
+                   read(("next", keys.reward), "reward", keys.reward), read(keys.sample_log_prob, "sample_log_prob")]
+        if td.get(keys.priority_weight, None) is not None:
+            entries.append(read(keys.priority_weight, "priority_weight"))
+        require_finite(entries, who)  # one reduction over every float input
+        first_adv, values, next_reward, old_logprob = (x for _, _, x in entries[:4])
+        prio_weights = entries[4][2] if len(entries) > 4 else None
         next_terminated = read_bt(
             td, ("next", keys.terminated), field="terminated", who=who, configured=keys.terminated, float32=False
         )
-        old_logprob = read_bt(td, keys.sample_log_prob, field="sample_log_prob", who=who)
-        prio_weights = None
-        if td.get(keys.priority_weight, None) is not None:
-            prio_weights = read_bt(td, keys.priority_weight, field="priority_weight", who=who)
         new_logprob, entropy = self._policy_terms(td)
         new_values = self._new_values(td)
         rewards, dones = metta_rewards_dones(next_reward, next_terminated)
