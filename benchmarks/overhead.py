@@ -1,6 +1,6 @@
 """Bridge overhead benchmark: the bridges' loss and update cost against anchors measured in the same run.
 
-    python -m benchmarks.overhead [--repeats 20] [--threads 1] [--json runs/bench_overhead.json]
+    python -m benchmarks.overhead [--repeats 20] [--threads 1] [--clock cpu] [--json runs/bench_overhead.json]
 
 Problem: CartPole-like (observation 4 floats, 2 discrete actions), the core's network
 (``metta_core.policy.ActorCritic``: separate tanh MLPs 64x64 for actor and critic; RLlib's
@@ -12,10 +12,14 @@ Loss cases (one sample = ``INNER`` calls on the same minibatch, gradients cleare
 
 - ``core``: what ``metta_core.ppo.PPO.run_train`` does once it holds the minibatch: select and
   clone the policy inputs, ``ActorCritic.forward`` with the stored actions, ``ppo_minibatch_loss``
-  (V-trace recompute, normalization, priority weights), then ``loss.backward()``.
+  (V-trace recompute, normalization, priority weights), track the stats, then ``loss.backward()``.
 - ``torchrl MettaPPOLoss``: ``loss(td)`` on the ``[S, T]`` tensordict ``MettaSegmentSampler``
   yields (``advantage`` and ``priority_weight`` set), sum of ``loss_*``, backward. Same network
   (the actor/critic wrap the core policy's MLPs), same numbers (checked before timing).
+- ``torchrl modules + core loss``: the actor/critic calls ``MettaPPOLoss`` makes (TorchRL's
+  functional parameter swap, ``get_dist``, the critic ``ValueOperator``) feeding
+  ``ppo_minibatch_loss`` directly: the cost of TorchRL's module machinery with no bridge code, so
+  ``MettaPPOLoss`` against it is the bridge's own overhead.
 - ``torchrl ClipPPOLoss``: TorchRL's ``ClipPPOLoss`` with Metta's coefficients
   (``bridges.torchrl.train.native_clip_ppo``) on the same ``[S, T]`` tensordict, forward + backward;
   its ``GAE`` advantage is computed beforehand, not timed. ``ClipPPOLoss + GAE`` times GAE on the
@@ -32,7 +36,9 @@ pipeline: one extra timestep per episode, value forward, GAE, batching), then th
 (forward, loss, backward, global-norm clip, Adam step) and the metrics reduce. Metta samples
 segments by priority; RLlib slices the batch in order (``shuffle_batch_per_epoch=False``).
 
-Times are medians of interleaved repeats. Ratios are against the anchor named on the row (lower is
+Times are medians of interleaved repeats, in process CPU time by default (``--clock cpu``: on a
+machine shared with other jobs, wall time mostly measures how often this process was descheduled;
+``--clock wall`` measures wall time). Ratios are against the anchor named on the row (lower is
 faster); the targets of issue 6 are printed next to them. No assertion on time.
 """
 
@@ -108,12 +114,14 @@ def core_loss(policy: ActorCritic, cfg: PPOConfig, mb: dict[str, torch.Tensor]) 
         flat = minibatch.reshape(-1)
         policy_td = policy.forward(flat.select(*spec_fields).clone(), action=flat["actions"])
         shape = minibatch.batch_size
-        return ppo_minibatch_loss(
+        terms = ppo_minibatch_loss(
             cfg, old_logprob=minibatch["act_log_prob"], new_logprob=policy_td["act_log_prob"].reshape(shape),
             entropy=policy_td["entropy"].reshape(shape), new_values=policy_td["values"].reshape(shape),
             values=minibatch["values"], rewards=minibatch["rewards"], dones=minibatch["dones"],
             advantages=mb["advantages"], prio_weights=mb["prio_weights"],
-        ).loss
+        )
+        terms.stats()  # PPO._track reads the stats as floats every minibatch
+        return terms.loss
 
     return run
 
@@ -151,6 +159,25 @@ def torchrl_td(mb: dict[str, torch.Tensor], log_prob_key: str) -> TensorDict:
     )
 
 
+def torchrl_modules_core_loss(loss: MettaPPOLoss, cfg: PPOConfig, mb: dict[str, torch.Tensor],
+                              td: TensorDict) -> Callable[[], torch.Tensor]:
+    """The TorchRL module calls ``MettaPPOLoss`` makes (functional actor and critic on ``observation``)
+    feeding ``ppo_minibatch_loss`` directly: the floor of any TorchRL loss on these modules."""
+
+    def run() -> torch.Tensor:
+        with loss.actor_network_params.to_module(loss.actor_network):
+            dist = loss.actor_network.get_dist(td.select("observation"))
+        with loss.critic_network_params.to_module(loss.critic_network):
+            new_values = loss.critic_network(td.select("observation"))["state_value"].squeeze(-1)
+        return ppo_minibatch_loss(
+            cfg, old_logprob=mb["act_log_prob"], new_logprob=dist.log_prob(mb["actions"]), entropy=dist.entropy(),
+            new_values=new_values, values=mb["values"], rewards=mb["rewards"], dones=mb["dones"],
+            advantages=mb["advantages"], prio_weights=mb["prio_weights"],
+        ).loss
+
+    return run
+
+
 def loss_cases(shape: tuple[int, int]) -> tuple[dict[str, Callable[[], torch.Tensor]], torch.nn.Module]:
     """Callables returning the differentiable loss of each loss-level case, and the shared policy."""
     from bridges.torchrl.train import native_clip_ppo
@@ -181,6 +208,7 @@ def loss_cases(shape: tuple[int, int]) -> tuple[dict[str, Callable[[], torch.Ten
 
     cases = {
         "core": core_loss(policy, cfg, mb),
+        "torchrl modules + core loss": torchrl_modules_core_loss(metta, cfg, mb, metta_td),
         "torchrl MettaPPOLoss": lambda: loss_sum(metta(metta_td)),
         "torchrl ClipPPOLoss": lambda: loss_sum(native(native_td)),
         "torchrl ClipPPOLoss + GAE": native_with_gae,
@@ -190,15 +218,19 @@ def loss_cases(shape: tuple[int, int]) -> tuple[dict[str, Callable[[], torch.Ten
     return cases, policy
 
 
-def timed_backward(policy: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], float]:
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def timed_backward(policy: torch.nn.Module, loss_fn: Callable[[], torch.Tensor],
+                   clock: Callable[[], float]) -> Callable[[], float]:
     """One sample: ``INNER`` times (loss, backward); gradients are cleared before the timer starts."""
 
     def sample() -> float:
         policy.zero_grad(set_to_none=True)
-        start = time.perf_counter()
+        start = clock()
         for _ in range(INNER):
             loss_fn().backward()
-        return (time.perf_counter() - start) / INNER
+        return (clock() - start) / INNER
 
     return sample
 
@@ -280,7 +312,7 @@ def count_minibatches(learner, update: Callable[[], None]) -> int:
     return len(calls)
 
 
-def rllib_cases(shape: tuple[int, int]) -> dict[str, Callable[[], float]]:
+def rllib_cases(shape: tuple[int, int], clock: Callable[[], float]) -> dict[str, Callable[[], float]]:
     """One sample per case: one ``update`` on fresh copies of the episodes (copied outside the timer)."""
     episodes = rllib_episodes(shape)
     minibatch = shape[0] * shape[1]
@@ -295,9 +327,9 @@ def rllib_cases(shape: tuple[int, int]) -> dict[str, Callable[[], float]]:
 
         def sample(update=update) -> float:
             eps = copy.deepcopy(episodes)
-            start = time.perf_counter()
+            start = clock()
             update(eps=eps)
-            return time.perf_counter() - start
+            return clock() - start
 
         cases[name] = sample
     return cases
@@ -320,6 +352,8 @@ COMPARISONS = [
     # (case, anchor, target key)
     ("core", None, None),
     ("torchrl MettaPPOLoss", "core", "core"),
+    ("torchrl modules + core loss", "core", None),
+    ("torchrl MettaPPOLoss", "torchrl modules + core loss", None),
     ("torchrl ClipPPOLoss", None, None),
     ("torchrl MettaPPOLoss", "torchrl ClipPPOLoss", "ClipPPOLoss"),
     ("torchrl ClipPPOLoss + GAE", "torchrl ClipPPOLoss", None),
@@ -334,16 +368,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, 
                         help="torch and numba threads (default 1: spinning worker threads distort times on a busy machine)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                        help="cpu: process CPU time (default, steadier on a shared machine); wall: elapsed time")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    clock = CLOCKS[args.clock]
     # numba first: launching its OpenMP layer resets torch's thread count to numba's
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(args.threads)
     results = []
     for shape in SHAPES:
         loss_fns, policy = loss_cases(shape)
-        samples = {name: timed_backward(policy, fn) for name, fn in loss_fns.items()}
-        samples.update(rllib_cases(shape))
+        samples = {name: timed_backward(policy, fn, clock) for name, fn in loss_fns.items()}
+        samples.update(rllib_cases(shape, clock))
         med = measure(samples, args.repeats)
         for case, anchor, target_key in COMPARISONS:
             target = TARGETS.get(target_key) if target_key else None
@@ -353,18 +390,18 @@ def main(argv=None) -> dict:
                 "anchor": anchor, "ratio": ratio, "target": target,
                 "met": None if target is None else ratio <= target,
             })
-    print(f"threads={args.threads} repeats={args.repeats}; loss rows: ms per minibatch (forward + backward); "
+    print(f"threads={args.threads} repeats={args.repeats} clock={args.clock}; loss rows: ms per minibatch (forward + backward); "
           f"rllib rows: ms per update ({RLLIB_MINIBATCHES} minibatches)")
-    print(f"{'minibatch':>9}  {'case':<26} {'ms':>8}  {'vs anchor':<26} {'ratio':>6} {'target':>7}")
+    print(f"{'minibatch':>9}  {'case':<28} {'ms':>8}  {'vs anchor':<28} {'ratio':>6} {'target':>7}")
     for r in results:
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else ""
         target = f"<={r['target']:.2f}" if r["target"] is not None else ""
         met = "" if r["met"] is None else (" met" if r["met"] else " NOT met")
-        print(f"{str(tuple(r['shape'])):>9}  {r['case']:<26} {r['ms']:>8.3f}  {r['anchor'] or '(anchor)':<26} "
+        print(f"{str(tuple(r['shape'])):>9}  {r['case']:<28} {r['ms']:>8.3f}  {r['anchor'] or '(anchor)':<28} "
               f"{ratio:>6} {target:>7}{met}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "results": results},
+        args.json.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "clock": args.clock, "results": results},
                                         indent=2))
     return {"results": results}
 
