@@ -1,0 +1,147 @@
+"""End-to-end throughput on CartPole-v1: env steps per second, Metta's PPO against each framework's own.
+
+    python -m benchmarks.throughput [--iterations 1] [--repeats 9] [--json runs/bench_throughput.json]
+
+Measured: env steps collected per second of wall time over ``--iterations`` whole training
+iterations (collect one batch, train on it) of the shipped training runs, after one warm-up
+iteration per run:
+
+* TorchRL: ``TorchRLRun(args)`` (``MettaPPOLoss`` + Metta's segment sampler) against
+  ``TorchRLRun(args, native=True)`` (``ClipPPOLoss`` + ``GAE``), same env, collector and networks.
+* RLlib: ``build_config(args)`` (``MettaPPOLearner``) against ``build_native_config(args)``
+  (RLlib's PPO), same env runners, batch sizes and network; Ray is started locally once
+  (``num_cpus=2``).
+* The core run (``CoreRun``) is measured alongside TorchRL, for reference.
+
+All runs use the ``metta-bridges train`` defaults (8 envs, batch 2048, minibatch 512, 4 epochs,
+hidden 64). The runs of one framework live side by side and are measured in turn, alternating
+which goes first (A B B A ...), so load from other processes hits both alike; each cell is the
+median over ``--repeats``. Besides wall-clock steps/s the table shows steps per CPU-second of
+this process (``time.process_time``), which other processes' load disturbs less. The ratio is
+Metta / native (higher is faster; the target is >= 0.95). No assertion: the goal is read off
+the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from metta_core.trainer import CoreRun, TrainArgs, TrainingRun
+
+TARGET = 0.95
+
+
+def train_args(framework: str) -> TrainArgs:
+    """The CLI defaults, without the progress bar and without stopping at the target return."""
+    return TrainArgs(framework=framework, progress=False, target_return=None, stop_at_target=False)
+
+
+def measure(runs: dict[str, TrainingRun], iterations: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """Steps/s (wall and CPU) of each run: one warm-up iteration, then ``repeats`` blocks of
+    ``iterations`` per run, the order of the runs reversed on every repeat."""
+    samples: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in runs}
+    for run in runs.values():
+        run.iteration()
+    names = list(runs)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else names[::-1]:
+            run = runs[name]
+            steps, wall, cpu = run.env_steps, time.perf_counter(), time.process_time()
+            for _ in range(iterations):
+                run.iteration()
+            steps = run.env_steps - steps
+            samples[name]["wall"].append(steps / (time.perf_counter() - wall))
+            samples[name]["cpu"].append(steps / (time.process_time() - cpu))
+    return {
+        name: {"steps_per_s": statistics.median(s["wall"]), "steps_per_cpu_s": statistics.median(s["cpu"]),
+               "wall_samples": s["wall"], "cpu_samples": s["cpu"]}
+        for name, s in samples.items()
+    }
+
+
+def torchrl_runs() -> dict[str, TrainingRun]:
+    from bridges.torchrl.train import TorchRLRun
+
+    return {
+        "torchrl MettaPPOLoss": TorchRLRun(train_args("torchrl")),
+        "torchrl ClipPPOLoss": TorchRLRun(train_args("torchrl"), native=True),
+        "core (reference)": CoreRun(train_args("core")),
+    }
+
+
+def rllib_runs() -> dict[str, TrainingRun]:
+    from bridges.rllib.train import RLlibRun, build_config, build_native_config
+
+    args = train_args("rllib")
+    return {
+        "rllib MettaPPOLearner": RLlibRun(build_config(args), args),
+        "rllib PPO": RLlibRun(build_native_config(args), args),
+    }
+
+
+PAIRS = {
+    "torchrl": ("torchrl MettaPPOLoss", "torchrl ClipPPOLoss"),
+    "rllib": ("rllib MettaPPOLearner", "rllib PPO"),
+}
+"""Per framework: (Metta run, native run) whose ratio is checked against ``TARGET``."""
+
+
+def run_framework(framework: str, iterations: int, repeats: int) -> dict[str, dict[str, Any]]:
+    runs = torchrl_runs() if framework == "torchrl" else rllib_runs()
+    try:
+        return measure(runs, iterations, repeats)
+    finally:
+        for run in runs.values():
+            run.close()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=1, help="training iterations per measured block")
+    parser.add_argument("--repeats", type=int, default=9, help="measured blocks per run (the median is reported)")
+    parser.add_argument("--frameworks", nargs="+", choices=list(PAIRS), default=list(PAIRS))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")  # TorchRL and RLlib deprecation notices would bury the table
+    measured: dict[str, dict[str, Any]] = {}
+    if "torchrl" in args.frameworks:
+        measured.update(run_framework("torchrl", args.iterations, args.repeats))
+    if "rllib" in args.frameworks:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            measured.update(run_framework("rllib", args.iterations, args.repeats))
+        finally:
+            ray.shutdown()
+    rows = []
+    for framework, (metta, native) in PAIRS.items():
+        if framework not in args.frameworks:
+            continue
+        wall = measured[metta]["steps_per_s"] / measured[native]["steps_per_s"]
+        cpu = measured[metta]["steps_per_cpu_s"] / measured[native]["steps_per_cpu_s"]
+        rows.append({"framework": framework, "metta": metta, "native": native, "ratio": wall, "ratio_cpu": cpu,
+                     "target": TARGET, "met": wall >= TARGET})
+    print(f"{'run':<24} {'steps/s':>9} {'steps/cpu-s':>12}   (median of {args.repeats} x {args.iterations} "
+          f"iterations of {train_args('core').batch_size} env steps)")
+    for name, m in measured.items():
+        print(f"{name:<24} {m['steps_per_s']:>9.0f} {m['steps_per_cpu_s']:>12.0f}")
+    print(f"\n{'framework':<10} {'Metta/native':>12} {'(cpu)':>7} {'target':>7}  met")
+    for r in rows:
+        print(f"{r['framework']:<10} {r['ratio']:>12.3f} {r['ratio_cpu']:>7.3f} {r['target']:>7.2f}  "
+              f"{'yes' if r['met'] else 'NO'}")
+    result = {"iterations": args.iterations, "repeats": args.repeats, "runs": measured, "ratios": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
