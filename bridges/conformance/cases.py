@@ -405,10 +405,13 @@ def _spec_arrays(spec: CaseSpec, config: Mapping[str, Any]) -> dict[str, np.ndar
     else:
         actions = rng.normal(0.0, 0.8, (*st, action["dim"])).astype(np.float32)
     flat_actions = torch.from_numpy(actions).reshape(st[0] * st[1], *actions.shape[2:])
+    # in float64, rounded once to float32 below: a float32 matmul rounds differently on different
+    # CPUs (BLAS kernels), and the stored data must be the same bytes on every machine
     with torch.no_grad():
         logprob, _, value = reference.policy_forward(
-            {k: torch.from_numpy(v) for k, v in weights.items()}, policy,
-            torch.from_numpy(obs).reshape(-1, spec.obs_dim), flat_actions)
+            {k: torch.from_numpy(v).double() for k, v in weights.items()}, policy,
+            torch.from_numpy(obs).double().reshape(-1, spec.obs_dim),
+            flat_actions if action["kind"] == "discrete" else flat_actions.double())
     dones = (rng.random(st) < spec.done_prob).astype(np.float32)
     if spec.done_pattern == "edges":
         dones[0, 0] = dones[1, 1] = dones[2, -1] = 1.0
@@ -476,8 +479,11 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
 def generate(out_dir: str | Path = CASES_DIR, names: list[str] | None = None) -> list[Path]:
     """Write the canonical cases (all of ``CASE_SPECS``, or ``names``) to ``out_dir``; return the JSON paths.
 
-    Deterministic: the same code writes byte-identical files (seeded NumPy data, a seeded torch
-    generator for the segment sampling, single-threaded torch while generating).
+    Deterministic: the same code writes the same data and weights, byte for byte, on every machine
+    (seeded NumPy, the policy's stored log-probs and values computed in float64), and on one machine
+    byte-identical files (a seeded torch generator for the segment sampling, single-threaded torch).
+    The expected values are float32 computations (SPEC): another CPU's BLAS kernels may round them
+    differently, by about 1e-8 to 2e-7, far below the conformance tolerances.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -407,8 +407,9 @@ def native_markdown(rows: list[Row]) -> str:
         lines.append(f"| {r.framework} | {r.name.removeprefix('equivalent: ')} | {r.case} | "
                      f"{'-' if r.error else f'{r.size:.1e}'} | {r.error or r.worst} | {'PASS' if ok else '**FAIL**'} |")
     lines += ["", "## Divergences (one change from the equivalence problem each)", "",
-              "| framework | divergence (minimal case) | compared | size (max abs diff) | at |", "|---|---|---|---|---|"]
+              "| framework | divergence (minimal case) | case | compared | size (max abs diff) | at |",
+              "|---|---|---|---|---|---|"]
     for r in (r for r in rows if not r.equivalent):
-        lines.append(f"| {r.framework} | {r.name} | {', '.join(r.items)} | {'-' if r.error else f'{r.size:.2e}'} | "
-                     f"{r.error or r.worst} |")
+        lines.append(f"| {r.framework} | {r.name} | {r.case} | {', '.join(r.items)} | "
+                     f"{'-' if r.error else f'{r.size:.2e}'} | {r.error or r.worst} |")
     return "\n".join(lines) + "\n"
