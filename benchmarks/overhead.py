@@ -190,8 +190,10 @@ def loss_cases(shape: tuple[int, int]) -> tuple[dict[str, Callable[[], torch.Ten
     mb = make_minibatch(policy, shape)
     actor, critic = torchrl_modules(policy)
     metta = MettaPPOLoss(actor, critic, cfg)
+    metta_plain = MettaPPOLoss(actor, critic, cfg, functional=False)
     metta_td = torchrl_td(mb, metta.tensor_keys.sample_log_prob)
     native = native_clip_ppo(actor, critic, TrainArgs())
+    native_plain = native_clip_ppo(actor, critic, TrainArgs(), functional=False)
     native_td = torchrl_td(mb, native.tensor_keys.sample_log_prob).exclude("advantage", "state_value")
     with torch.no_grad():
         native.value_estimator(native_td, params=native.critic_network_params.detach())
@@ -212,9 +214,15 @@ def loss_cases(shape: tuple[int, int]) -> tuple[dict[str, Callable[[], torch.Ten
         "torchrl MettaPPOLoss": lambda: loss_sum(metta(metta_td)),
         "torchrl ClipPPOLoss": lambda: loss_sum(native(native_td)),
         "torchrl ClipPPOLoss + GAE": native_with_gae,
+        "torchrl MettaPPOLoss functional=False": lambda: loss_sum(metta_plain(metta_td)),
+        "torchrl ClipPPOLoss functional=False": lambda: loss_sum(native_plain(native_td)),
     }
-    core_value, metta_value = float(cases["core"]()), float(cases["torchrl MettaPPOLoss"]())
-    assert abs(core_value - metta_value) <= 1e-5 * max(1.0, abs(core_value)), (core_value, metta_value)
+    core_value = float(cases["core"]().detach())
+    for name in ("torchrl MettaPPOLoss", "torchrl MettaPPOLoss functional=False"):
+        value = float(cases[name]().detach())
+        assert abs(core_value - value) <= 1e-5 * max(1.0, abs(core_value)), (name, core_value, value)
+    native_values = [float(cases[n]().detach()) for n in ("torchrl ClipPPOLoss", "torchrl ClipPPOLoss functional=False")]
+    assert abs(native_values[0] - native_values[1]) <= 1e-6 * max(1.0, abs(native_values[0])), native_values
     return cases, policy
 
 
@@ -358,6 +366,9 @@ COMPARISONS = [
     ("torchrl MettaPPOLoss", "torchrl ClipPPOLoss", "ClipPPOLoss"),
     ("torchrl ClipPPOLoss + GAE", "torchrl ClipPPOLoss", None),
     ("torchrl MettaPPOLoss", "torchrl ClipPPOLoss + GAE", None),
+    ("torchrl MettaPPOLoss functional=False", "core", "core"),
+    ("torchrl ClipPPOLoss functional=False", None, None),
+    ("torchrl MettaPPOLoss functional=False", "torchrl ClipPPOLoss functional=False", "ClipPPOLoss"),
     ("rllib PPOTorchLearner", None, None),
     ("rllib MettaPPOLearner", "rllib PPOTorchLearner", "PPOTorchLearner"),
 ]
@@ -392,12 +403,12 @@ def main(argv=None) -> dict:
             })
     print(f"threads={args.threads} repeats={args.repeats} clock={args.clock}; loss rows: ms per minibatch (forward + backward); "
           f"rllib rows: ms per update ({RLLIB_MINIBATCHES} minibatches)")
-    print(f"{'minibatch':>9}  {'case':<28} {'ms':>8}  {'vs anchor':<28} {'ratio':>6} {'target':>7}")
+    print(f"{'minibatch':>9}  {'case':<38} {'ms':>8}  {'vs anchor':<36} {'ratio':>6} {'target':>7}")
     for r in results:
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else ""
         target = f"<={r['target']:.2f}" if r["target"] is not None else ""
         met = "" if r["met"] is None else (" met" if r["met"] else " NOT met")
-        print(f"{str(tuple(r['shape'])):>9}  {r['case']:<28} {r['ms']:>8.3f}  {r['anchor'] or '(anchor)':<28} "
+        print(f"{str(tuple(r['shape'])):>9}  {r['case']:<38} {r['ms']:>8.3f}  {r['anchor'] or '(anchor)':<36} "
               f"{ratio:>6} {target:>7}{met}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

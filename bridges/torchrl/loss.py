@@ -6,6 +6,7 @@ The loss only maps keys and layout; every number comes from
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -54,6 +55,11 @@ class MettaPPOLoss(LossModule):
             distribution has ``log_prob`` and ``entropy`` (Categorical for discrete actions).
         critic_network: a ``ValueOperator`` writing the ``value`` key.
         config: Metta's ``PPOConfig`` (defaults when ``None``); copied.
+        functional: as in TorchRL's ``ClipPPOLoss``: whether the networks are functionalized
+            (``convert_to_functional``; their parameters live in ``actor_network_params`` /
+            ``critic_network_params`` and are swapped in for each call). ``False`` keeps the
+            networks as they are: no swap per call (a measurable cost on small networks), and
+            DDP/FSDP-wrapped networks work. Same numbers either way. Defaults to ``True``.
         **overrides: ``PPOConfig`` top-level fields (``ent_coef=0.02``) or the TorchRL aliases
             ``clip_epsilon``, ``entropy_coeff``, ``critic_coeff``, ``clip_value``.
 
@@ -135,6 +141,8 @@ class MettaPPOLoss(LossModule):
         actor_network: ProbabilisticTensorDictSequential,
         critic_network: TensorDictModule,
         config: PPOConfig | None = None,
+        *,
+        functional: bool = True,
         **overrides: Any,
     ) -> None:
         base = (config or PPOConfig()).model_copy(deep=True)
@@ -145,9 +153,14 @@ class MettaPPOLoss(LossModule):
                 f"torchrl.modules.ProbabilisticActor) with get_dist, got {type(actor_network).__name__}"
             )
         self._in_keys = None
+        self._functional = functional
         super().__init__()
-        self.convert_to_functional(actor_network, "actor_network")
-        self.convert_to_functional(critic_network, "critic_network")
+        if functional:
+            self.convert_to_functional(actor_network, "actor_network")
+            self.convert_to_functional(critic_network, "critic_network")
+        else:
+            self.actor_network, self.actor_network_params = actor_network, None
+            self.critic_network, self.critic_network_params = critic_network, None
         self._base_config = base
         self._config_cache: tuple[dict[str, float], PPOConfig] | None = None
         device = next(iter(self.parameters()), torch.empty(0)).device
@@ -166,6 +179,19 @@ class MettaPPOLoss(LossModule):
                     f"Metta's loss takes one log-prob per step: use a single distribution"
                 )
             self.set_keys(sample_log_prob=log_prob_keys[0], action=actor_network.dist_sample_keys[0])
+
+    @property
+    def functional(self) -> bool:
+        return self._functional
+
+    def _parameters_of(self, name: str) -> Any:
+        """Context that runs network ``name`` (``"actor"`` / ``"critic"``) with the loss's parameters:
+        TorchRL's swap when functional (``preserve_module_state=False``, as its losses do), else nothing."""
+        if not self._functional:
+            return nullcontext()
+        return getattr(self, f"{name}_network_params").to_module(
+            getattr(self, f"{name}_network"), preserve_module_state=False
+        )
 
     # --- coefficients -----------------------------------------------------------------------
 
@@ -305,7 +331,7 @@ class MettaPPOLoss(LossModule):
         own critic values (TorchRL's semantics); the loss keeps reading the recorded values.
         """
         keys = self.tensor_keys
-        params = self.critic_network_params.detach()
+        params = self.critic_network_params.detach() if self._functional else None
         if isinstance(self.value_estimator, MettaAdvantage):
             self.value_estimator(tensordict, params=params)
             return
@@ -394,7 +420,7 @@ class MettaPPOLoss(LossModule):
             )
         if action.requires_grad:
             raise MettaError(f"{who}: the stored action {self.tensor_keys.action!r} requires grad; detach it")
-        with self.actor_network_params.to_module(self.actor_network):
+        with self._parameters_of("actor"):
             dist = self.actor_network.get_dist(td.select(*self.actor_network.in_keys))
         log_prob = dist.log_prob(action)
         try:
@@ -417,7 +443,7 @@ class MettaPPOLoss(LossModule):
         """``V(o_t)`` under the current critic parameters, ``[B, T]``."""
         self._require(td, list(self.critic_network.in_keys), "critic")
         critic_in = td.select(*self.critic_network.in_keys)
-        with self.critic_network_params.to_module(self.critic_network):
+        with self._parameters_of("critic"):
             out = self.critic_network(critic_in)
         key = self.tensor_keys.value
         if out.get(key, None) is None:

@@ -79,16 +79,18 @@ def make_actor_critic(env: TransformedEnv, hidden_size: int) -> tuple[Probabilis
     return actor, critic
 
 
-def native_clip_ppo(actor: ProbabilisticActor, critic: ValueOperator, args: TrainArgs) -> ClipPPOLoss:
+def native_clip_ppo(actor: ProbabilisticActor, critic: ValueOperator, args: TrainArgs,
+                    functional: bool = True) -> ClipPPOLoss:
     """TorchRL's own ``ClipPPOLoss`` + ``GAE`` with Metta's coefficients where they mean the same.
 
     TorchRL's ``"l2"`` critic loss has no 1/2 factor, so ``critic_coeff = vf_coef / 2``.
+    ``functional`` is ``ClipPPOLoss``'s (``False``: no parameter swap per call).
     """
     cfg = args.ppo_config()
     loss = ClipPPOLoss(
         actor, critic, clip_epsilon=cfg.clip_coef, entropy_coeff=cfg.ent_coef, critic_coeff=cfg.vf_coef / 2,
         loss_critic_type="l2", normalize_advantage=cfg.norm_adv,
-        clip_value=cfg.vf_clip_coef if cfg.clip_vloss else None,
+        clip_value=cfg.vf_clip_coef if cfg.clip_vloss else None, functional=functional,
     )
     loss.make_value_estimator(GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic))
     return loss

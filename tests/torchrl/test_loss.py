@@ -34,12 +34,14 @@ def core_terms(actor, critic, batch, cfg, advantages=None, prio_weights=None, lo
     )
 
 
+@pytest.mark.parametrize("functional", [True, False])
 @pytest.mark.parametrize("cfg", [PPOConfig(), PPOConfig(clip_vloss=False, norm_adv=False, ent_coef=0.05),
                                  PPOConfig().update({"vtrace.rho_clip": 0.8, "vtrace.c_clip": 1.5, "gamma": 0.9})])
-def test_terms_and_gradients_match_core(cfg):
+def test_terms_and_gradients_match_core(cfg, functional):
     actor, critic = make_modules()
     batch = make_batch(actor, critic)
-    loss = MettaPPOLoss(actor, critic, cfg)
+    loss = MettaPPOLoss(actor, critic, cfg, functional=functional)
+    assert loss.functional is functional and (loss.actor_network_params is None) is not functional
     params = list(loss.parameters())
     assert {id(p) for p in params} == {id(p) for p in [*actor.parameters(), *critic.parameters()]}
 
@@ -58,6 +60,18 @@ def test_terms_and_gradients_match_core(cfg):
     ref_grads = torch.autograd.grad(ref.loss, params)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, atol=1e-6)
+
+
+def test_functional_and_plain_losses_share_the_networks_parameters():
+    """convert_to_functional keeps the networks' parameters (no copy): both losses follow an in-place change."""
+    actor, critic = make_modules()
+    batch = make_batch(actor, critic)
+    functional, plain = MettaPPOLoss(actor, critic), MettaPPOLoss(actor, critic, functional=False)
+    before = total(plain(batch)).detach()
+    with torch.no_grad():
+        functional.actor_network_params.apply(lambda p: p.mul_(0.5))  # the shared parameters change in place
+    assert not torch.allclose(total(plain(batch)), before)
+    torch.testing.assert_close(total(functional(batch)), total(plain(batch)))
 
 
 def test_loss_matches_loop_reference():
