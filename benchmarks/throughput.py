@@ -4,7 +4,8 @@
 
 Measured: env steps collected per second of wall time over ``--iterations`` whole training
 iterations (collect one batch, train on it) of the shipped training runs, after one warm-up
-iteration per run:
+iteration per run. Core and TorchRL blocks all start from the runs' initial state (same weights,
+same env state for Metta and native; see ``measure`` for why):
 
 * TorchRL: ``TorchRLRun(args)`` (``MettaPPOLoss`` + Metta's segment sampler) against
   ``TorchRLRun(args, native=True)`` (``ClipPPOLoss`` + ``GAE``), same env, collector and networks.
@@ -25,6 +26,7 @@ the table.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -44,22 +46,39 @@ def train_args(framework: str) -> TrainArgs:
 
 def measure(runs: dict[str, TrainingRun], iterations: int, repeats: int) -> dict[str, dict[str, Any]]:
     """Steps/s (wall and CPU) of each run: one warm-up iteration, then ``repeats`` blocks of
-    ``iterations`` per run, the order of the runs reversed on every repeat."""
-    samples: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in runs}
+    ``iterations`` per run, the order of the runs reversed on every repeat.
+
+    A run with an in-memory state (``state_dict``: the core and TorchRL runs) starts every block
+    from its state before the warm-up, so the Metta and the native run collect with the same
+    initial weights from the same env state. This matters: TorchRL's collector resets finished
+    envs one call at a time, so a policy that has learned longer episodes collects faster, and
+    blocks that went on training would compare what each loss has learned by then rather than
+    what the pipelines cost. RLlib runs (no cheap in-memory restore) go on training from block
+    to block; episodes per iteration are reported for every run so the effect can be judged.
+    """
+    samples: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": [], "episodes": []} for name in runs}
+    start = {name: copy.deepcopy(run.state_dict()) if hasattr(run, "state_dict") else None
+             for name, run in runs.items()}
     for run in runs.values():
         run.iteration()
     names = list(runs)
     for repeat in range(repeats):
         for name in names if repeat % 2 == 0 else names[::-1]:
             run = runs[name]
-            steps, wall, cpu = run.env_steps, time.perf_counter(), time.process_time()
+            if start[name] is not None:
+                run.load_state_dict(copy.deepcopy(start[name]))
+            steps, episodes = run.env_steps, run.returns.episodes
+            wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(iterations):
                 run.iteration()
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             steps = run.env_steps - steps
-            samples[name]["wall"].append(steps / (time.perf_counter() - wall))
-            samples[name]["cpu"].append(steps / (time.process_time() - cpu))
+            samples[name]["wall"].append(steps / wall)
+            samples[name]["cpu"].append(steps / cpu)
+            samples[name]["episodes"].append((run.returns.episodes - episodes) / iterations)
     return {
         name: {"steps_per_s": statistics.median(s["wall"]), "steps_per_cpu_s": statistics.median(s["cpu"]),
+               "episodes_per_iteration": statistics.median(s["episodes"]), "restarted": start[name] is not None,
                "wall_samples": s["wall"], "cpu_samples": s["cpu"]}
         for name, s in samples.items()
     }
@@ -128,10 +147,11 @@ def main(argv=None) -> dict:
         cpu = measured[metta]["steps_per_cpu_s"] / measured[native]["steps_per_cpu_s"]
         rows.append({"framework": framework, "metta": metta, "native": native, "ratio": wall, "ratio_cpu": cpu,
                      "target": TARGET, "met": wall >= TARGET})
-    print(f"{'run':<24} {'steps/s':>9} {'steps/cpu-s':>12}   (median of {args.repeats} x {args.iterations} "
-          f"iterations of {train_args('core').batch_size} env steps)")
+    print(f"{'run':<24} {'steps/s':>9} {'steps/cpu-s':>12} {'episodes/it':>12}  blocks   (median of {args.repeats} x "
+          f"{args.iterations} iterations of {train_args('core').batch_size} env steps)")
     for name, m in measured.items():
-        print(f"{name:<24} {m['steps_per_s']:>9.0f} {m['steps_per_cpu_s']:>12.0f}")
+        print(f"{name:<24} {m['steps_per_s']:>9.0f} {m['steps_per_cpu_s']:>12.0f} {m['episodes_per_iteration']:>12.1f}  "
+              f"{'from the same start' if m['restarted'] else 'training on'}")
     print(f"\n{'framework':<10} {'Metta/native':>12} {'(cpu)':>7} {'target':>7}  met")
     for r in rows:
         print(f"{r['framework']:<10} {r['ratio']:>12.3f} {r['ratio_cpu']:>7.3f} {r['target']:>7.2f}  "
