@@ -15,7 +15,7 @@ steps per phase). Collection is not measured; the same buffer is trained on in e
   Metta-layout batch.
 
 Recorded: RSS before the first phase (after building everything), the peak RSS during each phase
-(``ru_maxrss``, reset to the current RSS just before the phase), the current RSS
+(``VmHWM``, reset to the current RSS just before the phase), the current RSS
 (``/proc/self/statm``) after every phase, read after a ``gc.collect()`` so garbage awaiting the
 cycle collector does not count as growth. Reported: the peak of phase 1 (it includes one-time
 costs such as loading the compiled advantage kernel) and its rise over the RSS before, the
@@ -30,7 +30,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -64,8 +63,17 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size (``ru_maxrss``) since the start or the last ``reset_peak_rss``, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """Peak resident set size (``VmHWM``) since the start or the last ``reset_peak_rss``, in MiB.
+
+    Not ``getrusage``'s ``ru_maxrss``: it also counts the high-water mark that ``exec`` carries
+    over from the forked parent and that ``clear_refs`` does not reset, so a worker started from a
+    large process (pytest, the benchmark runner) reported the parent's RSS as its own peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM line; the peak RSS needs Linux")
 
 
 def reset_peak_rss() -> None:

@@ -44,3 +44,19 @@ def test_growth_check_catches_a_one_column_leak_per_phase(capsys):
     record = measure("core", PHASES, warmup=WARMUP, leak_kib=ONE_COLUMN_KIB)
     report(capsys, record)
     assert record["growth_kib_per_phase"] >= MAX_GROWTH_KIB_PER_PHASE, summary(record)
+
+
+def test_peak_rss_is_the_workers_own_not_its_forked_parents():
+    """``getrusage``'s ``ru_maxrss`` of a worker includes its parent's RSS at fork; ``peak_rss_mb`` must not."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from benchmarks.memory import REPO
+
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB resident in this (parent) process
+    code = "from benchmarks.memory import peak_rss_mb, reset_peak_rss; reset_peak_rss(); print(peak_rss_mb())"
+    child_peak = float(subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                                      check=True).stdout)
+    assert ballast.sum() > 0 and child_peak < 200, child_peak
