@@ -22,10 +22,11 @@ Only sizes, learning rate and network width are tuned here (the defaults below);
 coefficients are Metta's ``PPOConfig`` defaults. Metrics go to ``<out-dir>/metrics.jsonl``
 and the learning curve to ``<out-dir>/learning_curve.png``.
 
-Recorded result (seed 1, these settings, torch 2.13 CPU, torchrl 0.14.1): the mean return over
-the last 100 episodes reached 479 (>= 475) after 292,864 env steps (143 iterations), in 41 min
-of wall time on 2 heavily shared CPU cores. The curve is not monotone: it reached 458 at 170k
-steps, fell to 250 and climbed again.
+Recorded result (these settings, torch 2.13 CPU, torchrl 0.14.1, ``python -m
+benchmarks.sample_efficiency``): the mean return over the last 100 episodes reached 475 after
+210,944 / 299,008 / 278,528 env steps for seeds 0 / 1 / 2 (about a minute each on one CPU
+thread); TorchRL's ClipPPOLoss + GAE on the same pipeline (``--native``) after 237,568 / 249,856 /
+258,048. Seeds 3-7 and the other frameworks are in the README's performance section.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ from pathlib import Path
 from bridges.torchrl.train import train
 from metta_core.trainer import TrainArgs
 
-# The settings this example was tuned with (results in the module docstring).
+# The settings of this example: the ``metta-bridges train`` defaults (results in the module docstring).
 EXAMPLE_SETTINGS = dict(
-    num_envs=16,
-    batch_size=2048,  # env steps per rollout: 16 envs x 128 steps
+    num_envs=8,
+    batch_size=2048,  # env steps per rollout: 8 envs x 256 steps
     bptt_horizon=32,  # steps per Metta row (segment)
     minibatch_size=512,  # 16 rows per minibatch, 4 minibatches per update epoch
     update_epochs=4,
