@@ -6,7 +6,8 @@ Problem: CartPole-like (observation 4 floats, 2 discrete actions), the core's ne
 (``metta_core.policy.ActorCritic``: separate tanh MLPs 64x64 for actor and critic; RLlib's
 default PPO module with ``fcnet_hiddens=[64, 64]``), random observations, stored log-probs and
 values near the network's (ratios != 1), 15% terminal steps. Minibatch shapes
-``[segments, horizon]``: ``[16, 32]`` (512 rows) and ``[64, 64]`` (4096 rows).
+``[segments, horizon]``: ``[16, 32]`` (512 rows), ``[64, 64]`` (4096 rows) and ``[256, 64]`` (16384 rows,
+Metta's default ``minibatch_size``).
 
 Loss cases (one sample = ``INNER`` calls on the same minibatch, gradients cleared outside the timer):
 
@@ -67,7 +68,7 @@ from metta_core.policy import ActorCritic
 from metta_core.ppo_math import ppo_minibatch_loss
 
 OBS_DIM, N_ACTIONS, HIDDEN = 4, 2, (64, 64)
-SHAPES = [(16, 32), (64, 64)]
+SHAPES = [(16, 32), (64, 64), (256, 64)]
 INNER = 5
 """Loss calls per timed sample (one call at 512 rows is about a millisecond)."""
 RLLIB_MINIBATCHES = 4

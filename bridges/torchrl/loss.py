@@ -58,8 +58,9 @@ class MettaPPOLoss(LossModule):
         functional: as in TorchRL's ``ClipPPOLoss``: whether the networks are functionalized
             (``convert_to_functional``; their parameters live in ``actor_network_params`` /
             ``critic_network_params`` and are swapped in for each call). ``False`` keeps the
-            networks as they are: no swap per call (a measurable cost on small networks), and
-            DDP/FSDP-wrapped networks work. Same numbers either way. Defaults to ``True``.
+            networks as they are: no swap per call (a measurable cost on small networks; TorchRL
+            also names it the setting for DDP/FSDP-wrapped networks). Same numbers either way; a
+            ``state_dict`` of one setting does not load into the other. Defaults to ``True``.
         **overrides: ``PPOConfig`` top-level fields (``ent_coef=0.02``) or the TorchRL aliases
             ``clip_epsilon``, ``entropy_coeff``, ``critic_coeff``, ``clip_value``.
 
