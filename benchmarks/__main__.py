@@ -6,8 +6,9 @@ advantage          the advantage kernel vs a C -O3 loop, TorchRL GAE, RLlib valu
 overhead           bridge loss/update cost vs the core and vs the native PPO losses
 throughput         end-to-end env steps/s, Metta vs native, in TorchRL and RLlib
 memory             peak RSS of a training phase and RSS growth over 50 phases
-sample_efficiency  env steps to return 475 on CartPole-v1, 3 seeds x 5 learners (about an hour
-                   on 2 cores, so only with --sample-efficiency or --only sample_efficiency)
+sample_efficiency  env steps to return 475 on CartPole-v1, 3 seeds x 5 learners (about 20 minutes
+                   on 2 cores, 11 with ``python -m benchmarks.sample_efficiency --jobs 2``, so only
+                   with --sample-efficiency or --only sample_efficiency)
 
 Times are medians of interleaved repeats and are reported as ratios against anchors measured in
 the same run; nothing here asserts on speed.
