@@ -83,7 +83,7 @@ def reset_peak_rss() -> None:
 
 
 def train_args(framework: str):
-    from metta_core.trainer import TrainArgs
+    from metta_core.run import TrainArgs
 
     return TrainArgs(
         framework=framework, batch_size=SEGMENTS * HORIZON, bptt_horizon=HORIZON, minibatch_size=MINIBATCH_SIZE,
@@ -95,7 +95,7 @@ def core_phase() -> Callable[[], None]:
     """``CoreRun`` with its buffer filled by random steps; returns one training phase."""
     import torch
 
-    from metta_core.trainer import CoreRun
+    from metta_core.run import CoreRun
 
     run = CoreRun(train_args("core"))
     g = torch.Generator().manual_seed(0)

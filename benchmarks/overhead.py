@@ -182,7 +182,7 @@ def torchrl_modules_core_loss(loss: MettaPPOLoss, cfg: PPOConfig, mb: dict[str, 
 def loss_cases(shape: tuple[int, int]) -> tuple[dict[str, Callable[[], torch.Tensor]], torch.nn.Module]:
     """Callables returning the differentiable loss of each loss-level case, and the shared policy."""
     from bridges.torchrl.train import native_clip_ppo
-    from metta_core.trainer import TrainArgs
+    from metta_core.run import TrainArgs
 
     torch.manual_seed(0)
     env = gym.make("CartPole-v1")

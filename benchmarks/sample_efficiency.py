@@ -42,12 +42,12 @@ LEARNERS = {
 
 def run_one(learner: str, seed: int, budget: int, out_dir: Path) -> dict:
     """Train one learner for one seed in this process; the run's summary."""
-    from metta_core.trainer import TrainArgs, drive
+    from metta_core.run import TrainArgs, drive
 
     framework, native = LEARNERS[learner]
     args = TrainArgs(framework=framework, seed=seed, total_timesteps=budget, out_dir=out_dir, progress=False)
     if framework == "core":
-        from metta_core.trainer import train
+        from metta_core.run import train
 
         return train(args)
     if framework == "torchrl":

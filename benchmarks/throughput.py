@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from metta_core.trainer import CoreRun, TrainArgs, TrainingRun
+from metta_core.run import CoreRun, TrainArgs, TrainingRun
 
 TARGET = 0.95
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Sequence, get_type_hints
 
 from metta_core.errors import MettaError
-from metta_core.trainer import TrainArgs
+from metta_core.run import TrainArgs
 
 FRAMEWORK_TRAINERS = {
-    "core": "metta_core.trainer",
+    "core": "metta_core.run",
     "torchrl": "bridges.torchrl.train",
     "rllib": "bridges.rllib.train",
 }

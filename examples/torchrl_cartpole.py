@@ -36,7 +36,7 @@ import json
 from pathlib import Path
 
 from bridges.torchrl.train import train
-from metta_core.trainer import TrainArgs
+from metta_core.run import TrainArgs
 
 # The settings of this example: the ``metta-bridges train`` defaults (results in the module docstring).
 EXAMPLE_SETTINGS = dict(

@@ -1,11 +1,11 @@
 """metta_core: Metta's PPO semantics, framework-neutral (imports neither Ray nor TorchRL).
 
 - ``advantage``: ``compute_advantage`` (V-trace-clipped GAE, SPEC §2), ``normalize_advantage`` (§3)
-- ``ppo_math``: ``anneal_beta``, ``prioritized_sample``, ``ppo_minibatch_loss`` (§4), re-exported by ``ppo``
+- ``ppo_math``: ``anneal_beta``, ``prioritized_sample``, ``ppo_minibatch_loss`` (§4): the pure math, imported from here only
 - ``config``: ``PPOConfig``, ``VTraceConfig``, ``PrioritizedExperienceReplayConfig``, ``TrainerConfig``
-- ``loss``, ``ppo``, ``experience``, ``training``: the ``Loss`` lifecycle, ``PPO``, ``Experience``,
+- ``loss``, ``ppo``, ``experience``, ``loop``: the ``Loss`` lifecycle, ``PPO``, ``Experience``,
   ``CoreTrainingLoop`` (§5)
-- ``policy``, ``gym_env``, ``trainer``, ``runlog``: the ``Policy`` contract, env adapter and the
+- ``policy``, ``gym_env``, ``run``, ``runlog``: the ``Policy`` contract, env adapter and the
   training run behind ``metta-bridges train --framework core``
 
 Nothing is imported here: ``import metta_core.advantage`` loads only what it needs.

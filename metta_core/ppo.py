@@ -1,9 +1,8 @@
 """Metta's PPO loss on the ``Loss`` lifecycle (SPEC §4, §5).
 
-The pure math (``anneal_beta``, ``prioritized_sample``, ``ppo_minibatch_loss``) lives in
-``metta_core.ppo_math`` and is re-exported here; this module adds the stateful part: rollout
-storage with burn-in, the first-pass advantages at ``mb_idx == 0``, segment sampling, the
-target-KL stop and the tracked stats.
+The pure math lives in ``metta_core.ppo_math`` (import it from there); this module adds the
+stateful part: rollout storage with burn-in, the first-pass advantages at ``mb_idx == 0``,
+segment sampling, the target-KL stop and the tracked stats.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from metta_core.experience import ExperienceSpec, FieldSpec
 from metta_core.loss import Loss
 from metta_core.ppo_math import PPOTerms, anneal_beta, explained_variance, ppo_minibatch_loss, prioritized_sample
 
-__all__ = ["PPO", "PPOTerms", "anneal_beta", "prioritized_sample", "ppo_minibatch_loss", "explained_variance", "action_field"]
+__all__ = ["PPO", "action_field"]
 
 
 def action_field(action_space: gym.Space) -> FieldSpec:

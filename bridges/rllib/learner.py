@@ -34,7 +34,7 @@ from metta_core.config import ADAM_EPS
 from metta_core.errors import MettaError
 from metta_core.ppo_math import PPOTerms, anneal_beta, explained_variance, prioritized_sample
 
-"""Adam's epsilon in Metta's trainer (``metta_core.trainer``); RLlib's default is 1e-8."""
+"""Adam's epsilon in Metta's trainer (``metta_core.run``); RLlib's default is 1e-8."""
 
 METTA_STATE_KEY = "metta_loss"
 """Key of the Metta loss state in ``get_state()``: ``anneal_beta``, ``epoch``, ``generator``."""

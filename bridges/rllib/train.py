@@ -27,7 +27,7 @@ from ray.rllib.utils.metrics import (
 from bridges.rllib.config import metta_ppo_config
 from bridges.rllib.module import OrthogonalInitPPOModule
 from metta_core.errors import MettaError
-from metta_core.trainer import ReturnTracker, TrainArgs, drive
+from metta_core.run import ReturnTracker, TrainArgs, drive
 
 LEARNER_KEYS = (
     "policy_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "importance", "current_logprobs",
@@ -123,7 +123,7 @@ RETURNS_FILE = "metta_returns.json"
 
 
 class RLlibRun:
-    """An RLlib ``Algorithm`` seen as a ``metta_core.trainer.TrainingRun`` (one ``train()`` per iteration)."""
+    """An RLlib ``Algorithm`` seen as a ``metta_core.run.TrainingRun`` (one ``train()`` per iteration)."""
 
     def __init__(self, config, args: TrainArgs, resume=None) -> None:
         if resume is not None and not Path(resume).exists():

@@ -36,7 +36,7 @@ from torchrl.objectives.value import GAE
 from metta_core.config import ADAM_EPS
 from metta_core.errors import MettaError
 from metta_core.policy import mlp
-from metta_core.trainer import ReturnTracker, TrainArgs, drive, load_checkpoint, save_checkpoint
+from metta_core.run import ReturnTracker, TrainArgs, drive, load_checkpoint, save_checkpoint
 
 from bridges.torchrl.layout import TIME_DIM_NAME
 from bridges.torchrl.loss import MettaPPOLoss

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from metta_core.config import PPOConfig
 from metta_core.errors import MettaError
-from metta_core.ppo import PPOTerms, anneal_beta, ppo_minibatch_loss, prioritized_sample
+from metta_core.ppo_math import PPOTerms, anneal_beta, ppo_minibatch_loss, prioritized_sample
 from tests.reference import advantage_loop, ppo_terms, sample_probabilities
 
 

@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from bridges.rllib.train import RLlibRun, build_config
-from metta_core.trainer import TrainArgs
+from metta_core.run import TrainArgs
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import torch
 
 from bridges.torchrl.train import TorchRLRun, train
 from metta_core.errors import MettaError
-from metta_core.trainer import TrainArgs
+from metta_core.run import TrainArgs
 
 TINY = dict(framework="torchrl", num_envs=4, batch_size=256, bptt_horizon=32, minibatch_size=64,
             update_epochs=2, hidden_size=16, progress=False, target_return=None)

@@ -11,7 +11,7 @@ from metta_core.advantage import compute_advantage
 from metta_core.experience import Experience
 from metta_core.ppo import PPO
 from metta_core.ppo_math import ppo_minibatch_loss
-from metta_core.training import ComponentContext, CoreTrainingLoop
+from metta_core.loop import ComponentContext, CoreTrainingLoop
 
 from bridges.conformance.cases import DATA_FIELDS, Case
 from bridges.conformance.reference import PHASE_STAT_NAMES, Measurement

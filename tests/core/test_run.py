@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bridges.cli import main
-from metta_core.trainer import CoreRun, TrainArgs, train
+from metta_core.run import CoreRun, TrainArgs, train
 
 SMALL = dict(num_envs=4, batch_size=256, bptt_horizon=16, minibatch_size=64, update_epochs=2, progress=False,
              learning_rate=1e-3, hidden_size=16, target_return=None)

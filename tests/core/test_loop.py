@@ -12,7 +12,7 @@ from metta_core.config import PPOConfig, TrainerConfig
 from metta_core.experience import Experience
 from metta_core.policy import ActorCritic
 from metta_core.ppo import PPO
-from metta_core.training import ComponentContext, CoreTrainingLoop
+from metta_core.loop import ComponentContext, CoreTrainingLoop
 from tests.reference import advantage_loop, ppo_terms, sample_probabilities
 
 OBS = gym.spaces.Box(-1, 1, (3,), np.float32)

@@ -23,7 +23,7 @@ from metta_core.gym_env import GymVectorEnvironment
 from metta_core.policy import ActorCritic
 from metta_core.ppo import PPO
 from metta_core.runlog import RunLogger
-from metta_core.training import ComponentContext, CoreTrainingLoop
+from metta_core.loop import ComponentContext, CoreTrainingLoop
 
 RETURN_WINDOW = 100
 """Episodes in the moving window behind ``episode_return_mean`` (as in CleanRL and RLlib)."""
