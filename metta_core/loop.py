@@ -11,6 +11,7 @@ from tensordict import TensorDict
 from metta_core.errors import MettaError
 from metta_core.experience import Experience
 from metta_core.loss import Loss
+from metta_core.phase import PhaseSizes, clip_and_step, run_phase
 
 
 @dataclass
@@ -112,38 +113,39 @@ class CoreTrainingLoop:
     ) -> tuple[dict[str, float], int]:
         """Train on the filled buffer (SPEC §4): returns ``(loss stats, update epochs trained)``.
 
-        The losses' minibatch losses are summed; gradients are zeroed at the start of each group
-        of ``accumulate_minibatches`` minibatches and, at its end, clipped to ``max_grad_norm``
-        and applied. A loss requesting a stop (target KL) ends the whole phase before that
-        minibatch's backward pass.
+        ``metta_core.phase.run_phase`` drives it: the losses' minibatch losses are summed;
+        gradients are zeroed at the start of each group of ``accumulate_minibatches`` minibatches
+        and, at its end, clipped to ``max_grad_norm`` and applied. A loss requesting a stop
+        (target KL) ends the whole phase before that minibatch's backward pass.
         """
         for loss in self.losses.values():
             loss.zero_loss_tracker()
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        epochs_trained = 0
-        for _ in range(update_epochs):
+
+        def minibatch(_epoch: int, mb_idx: int) -> tuple[torch.Tensor, bool]:
+            total_loss = torch.zeros((), device=self.device)
+            shared_loss_data = TensorDict({}, batch_size=[])
             stop = False
-            for mb_idx in range(self.experience.num_minibatches):
-                if mb_idx % self.accumulate_minibatches == 0:
-                    self.optimizer.zero_grad()
-                total_loss = torch.zeros((), device=self.device)
-                shared_loss_data = TensorDict({}, batch_size=[])
-                for loss in self.losses.values():
-                    value, shared_loss_data, wants_stop = loss.train(shared_loss_data, context, mb_idx)
-                    total_loss = total_loss + value
-                    stop = stop or wants_stop
-                if stop:
-                    break
-                if total_loss.requires_grad:  # False when every loss is outside its schedule
-                    total_loss.backward()
-                if (mb_idx + 1) % self.accumulate_minibatches == 0:
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                    self.optimizer.step()
-                for loss in self.losses.values():
-                    loss.on_mb_end(context, mb_idx)
-            epochs_trained += 1
-            if stop:
-                break
+            for loss in self.losses.values():
+                value, shared_loss_data, wants_stop = loss.train(shared_loss_data, context, mb_idx)
+                total_loss = total_loss + value
+                stop = stop or wants_stop
+            return total_loss, stop
+
+        def on_minibatch_end(mb_idx: int) -> None:
+            for loss in self.losses.values():
+                loss.on_mb_end(context, mb_idx)
+
+        sizes = PhaseSizes(
+            update_epochs=update_epochs,
+            num_minibatches=self.experience.num_minibatches,
+            minibatch_segments=self.experience.minibatch_segments,
+            accumulate_minibatches=self.accumulate_minibatches,
+        )
+        epochs_trained = run_phase(
+            sizes, minibatch, zero_grad=self.optimizer.zero_grad,
+            step=clip_and_step(self.policy.parameters(), [self.optimizer], max_grad_norm),
+            on_minibatch_end=on_minibatch_end,
+        )
         for loss in self.losses.values():
             loss.on_train_phase_end(context)
         stats: dict[str, float] = {}

@@ -20,6 +20,7 @@ from torch import Tensor
 from metta_core.config import LossSchedule
 from metta_core.errors import MettaError
 from metta_core.experience import Experience, ExperienceSpec
+from metta_core.phase import PhaseStats
 
 
 class Loss:
@@ -27,7 +28,8 @@ class Loss:
 
     ``schedule`` decides in which trainer epochs ``train`` runs; outside it ``train`` returns a
     zero loss and requests no stop. Rollouts always run (a loss that stores experience must keep
-    filling the buffer). ``loss_tracker`` maps a stat name to the values tracked in this phase.
+    filling the buffer). ``phase_stats`` (``metta_core.phase.PhaseStats``) tracks the stats of the
+    phase; ``loss_tracker`` (Metta's name) is its mapping of a stat name to the tracked values.
     """
 
     def __init__(
@@ -47,7 +49,8 @@ class Loss:
         self.loss_cfg = loss_config
         self.schedule: LossSchedule = getattr(loss_config, "schedule", None) or LossSchedule()
         self.replay: Experience | None = None
-        self.loss_tracker: defaultdict[str, list[float]] = defaultdict(list)
+        self.phase_stats = PhaseStats()
+        self.loss_tracker: defaultdict[str, list[float]] = self.phase_stats.values
         self._context: Any = None
         self._state_attrs: list[str] = []
         self.register_state_attr("loss_tracker")
@@ -115,16 +118,11 @@ class Loss:
     # -- stats ----------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         """Mean of each tracked list over the phase."""
-        return {k: sum(v) / len(v) for k, v in self.loss_tracker.items() if v}
+        return self.phase_stats.means()
 
     def zero_loss_tracker(self) -> None:
         """Clear all tracked values (the trainer does this when a phase starts)."""
-        for values in self.loss_tracker.values():
-            values.clear()
-
-    def _track(self, stats: Mapping[str, float]) -> None:
-        for name, value in stats.items():
-            self.loss_tracker[name].append(float(value))
+        self.phase_stats.clear()
 
     # -- state ----------------------------------------------------------------------------
     def register_state_attr(self, *names: str) -> None:

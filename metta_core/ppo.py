@@ -16,9 +16,10 @@ from tensordict import TensorDict
 from metta_core.advantage import compute_advantage
 from metta_core.config import PPOConfig, TrainerConfig
 from metta_core.errors import MettaError
-from metta_core.experience import ExperienceSpec, FieldSpec
+from metta_core.experience import Experience, ExperienceSpec, FieldSpec
 from metta_core.loss import Loss
-from metta_core.ppo_math import PPOTerms, anneal_beta, explained_variance, ppo_minibatch_loss, prioritized_sample
+from metta_core.phase import MinibatchSchedule
+from metta_core.ppo_math import ppo_minibatch_loss
 
 __all__ = ["PPO", "action_field"]
 
@@ -53,7 +54,7 @@ class PPO(Loss):
     ) -> None:
         super().__init__(policy, trainer_cfg, env, device, instance_name, loss_config or PPOConfig())
         self.generator = generator
-        self.advantages: torch.Tensor | None = None
+        self.minibatch_schedule: MinibatchSchedule | None = None  # built when the buffer is attached
         self.anneal_beta = 0.0
         self.burn_in_steps = int(getattr(policy, "burn_in_steps", 0))
         self.burn_in_steps_iter = 0
@@ -71,6 +72,22 @@ class PPO(Loss):
                 "truncateds": scalar,
             }
         )
+
+    def attach_replay_buffer(self, experience: Experience) -> None:
+        """Attach the buffer and build the minibatch schedule for its sizes (SPEC §4.2-4.3)."""
+        super().attach_replay_buffer(experience)
+        self.minibatch_schedule = MinibatchSchedule(
+            minibatch_segments=experience.minibatch_segments,
+            prio=self.loss_cfg.prioritized_experience_replay,
+            total_timesteps=self.trainer_cfg.total_timesteps,
+            batch_size=self.trainer_cfg.batch_size,
+            generator=self.generator,
+        )
+
+    @property
+    def advantages(self) -> torch.Tensor | None:
+        """The first-pass advantages ``A0`` of the current update epoch (None before the first phase)."""
+        return None if self.minibatch_schedule is None else self.minibatch_schedule.first_advantages
 
     def run_rollout(self, td: TensorDict, context: Any) -> None:
         with torch.no_grad():
@@ -90,25 +107,20 @@ class PPO(Loss):
             reset()
         self.burn_in_steps_iter = 0
 
-        stop = False
-        if cfg.target_kl is not None and mb_idx > 0:
-            tracked = self.loss_tracker["approx_kl"]
-            stop = bool(tracked) and sum(tracked) / len(tracked) > cfg.target_kl
+        stop = self.phase_stats.target_kl_reached(mb_idx, cfg.target_kl)
         buffer = self.replay.buffer
-        prio = cfg.prioritized_experience_replay
-        if mb_idx == 0 or self.advantages is None:
-            self.anneal_beta = anneal_beta(
-                context.epoch, self.trainer_cfg.total_timesteps, self.trainer_cfg.batch_size,
-                prio.prio_alpha, prio.prio_beta0,
+        schedule = self.minibatch_schedule
+        if mb_idx == 0 or schedule.first_advantages is None:
+            schedule.start_epoch(
+                compute_advantage(
+                    buffer["values"], buffer["rewards"], buffer["dones"], torch.ones_like(buffer["values"]),
+                    gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, rho_clip=cfg.vtrace.rho_clip,
+                    c_clip=cfg.vtrace.c_clip,
+                ),
+                context.epoch,
             )
-            self.advantages = compute_advantage(
-                buffer["values"], buffer["rewards"], buffer["dones"], torch.ones_like(buffer["values"]),
-                gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, rho_clip=cfg.vtrace.rho_clip, c_clip=cfg.vtrace.c_clip,
-            )
-        idx, prio_weights = prioritized_sample(
-            self.advantages, self.replay.minibatch_segments,
-            prio_alpha=prio.prio_alpha, prio_beta=self.anneal_beta, generator=self.generator,
-        )
+            self.anneal_beta = schedule.beta
+        idx, prio_weights = schedule.draw()
         minibatch = buffer[idx]
         shared_loss_data["sampled_mb"] = minibatch
         shared_loss_data["indices"] = idx
@@ -130,11 +142,10 @@ class PPO(Loss):
             prio_weights=prio_weights,
         )
         shared_loss_data["policy_td"] = policy_td.reshape(shape)
-        self._track(terms.stats())
+        self.phase_stats.track(terms.stats())
         return terms.loss, shared_loss_data, stop
 
     def on_train_phase_end(self, context: Any = None) -> None:
         """Track ``explained_variance = 1 - var(A0) / var(A0 + values)`` over the whole buffer."""
         if self.advantages is not None and self.replay is not None:
-            ev = explained_variance(self.advantages, self.replay.buffer["values"])
-            self.loss_tracker["explained_variance"] = [ev]
+            self.phase_stats.record_explained_variance(self.advantages, self.replay.buffer["values"])

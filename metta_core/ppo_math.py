@@ -22,7 +22,7 @@ PRIORITY_EPS = 1e-6
 """Added to the priorities and to their sum before normalizing (SPEC §4.3)."""
 
 
-def anneal_beta(epoch: int, total_timesteps: int, batch_size: int, prio_alpha: float, prio_beta0: float) -> float:
+def anneal_beta(epoch: int, *, total_timesteps: int, batch_size: int, prio_alpha: float, prio_beta0: float) -> float:
     """Importance-weight exponent at trainer epoch ``epoch`` (SPEC §4.2)::
 
         beta = prio_beta0 + (1 - prio_beta0) * prio_alpha * epoch / max(1, total_timesteps // batch_size)

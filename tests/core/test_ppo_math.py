@@ -108,10 +108,15 @@ def test_shape_mismatch_is_named():
 
 
 def test_anneal_beta():
-    assert anneal_beta(0, 1000, 100, 0.6, 0.4) == pytest.approx(0.4)
-    assert anneal_beta(5, 1000, 100, 0.6, 0.4) == pytest.approx(0.4 + 0.6 * 0.6 * 5 / 10)
-    assert anneal_beta(3, 50, 100, 1.0, 0.6) == pytest.approx(0.6 + 0.4 * 3 / 1)  # max(1, 50 // 100)
-    assert anneal_beta(7, 1000, 100, 0.0, 0.6) == 0.6
+    def beta(epoch, total, batch, alpha, beta0):
+        return anneal_beta(epoch, total_timesteps=total, batch_size=batch, prio_alpha=alpha, prio_beta0=beta0)
+
+    assert beta(0, 1000, 100, 0.6, 0.4) == pytest.approx(0.4)
+    assert beta(5, 1000, 100, 0.6, 0.4) == pytest.approx(0.4 + 0.6 * 0.6 * 5 / 10)
+    assert beta(3, 50, 100, 1.0, 0.6) == pytest.approx(0.6 + 0.4 * 3 / 1)  # max(1, 50 // 100)
+    assert beta(7, 1000, 100, 0.0, 0.6) == 0.6
+    with pytest.raises(TypeError):
+        anneal_beta(0, 1000, 100, 0.6, 0.4)  # keyword-only after epoch
 
 
 @settings(max_examples=60, deadline=None)
