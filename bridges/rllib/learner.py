@@ -1,9 +1,10 @@
 """``MettaPPOLearner``: an RLlib ``TorchLearner`` whose update is one Metta training phase (SPEC §4).
 
-``update`` replaces RLlib's minibatch loop (row shuffling, one step per minibatch) with Metta's:
-for each epoch and minibatch, whole segments drawn by ``prioritized_sample`` with the annealed
-``beta``; loss ``ppo_minibatch_loss`` (V-trace recompute and normalization per minibatch);
-``target_kl`` stop; ``clip_grad_norm_(max_grad_norm)`` and an optimizer step every
+``update`` replaces RLlib's minibatch loop (row shuffling, one step per minibatch) with Metta's
+phase from ``metta_core.phase`` (the one the core trainer and the TorchRL bridge run): for each
+epoch and minibatch, whole segments from ``MinibatchSchedule`` (prioritized, annealed ``beta``);
+loss ``ppo_minibatch_loss`` (V-trace recompute and normalization per minibatch); the ``target_kl``
+stop of ``PhaseStats``; ``run_phase``'s ``clip_grad_norm_(max_grad_norm)`` and optimizer step every
 ``accumulate_minibatches`` minibatches. The batch comes from ``MettaLayoutConnector``.
 
 With several learners (``num_learners > 1``, DDP over gloo/nccl) every learner runs the same
@@ -32,9 +33,8 @@ from bridges.rllib.layout import LAYOUT_COLUMNS, MettaColumns, MettaLayoutConnec
 from bridges.rllib.loss import metta_module_loss, rllib_stats
 from metta_core.config import ADAM_EPS
 from metta_core.errors import MettaError
-from metta_core.ppo_math import PPOTerms, anneal_beta, explained_variance, prioritized_sample
-
-"""Adam's epsilon in Metta's trainer (``metta_core.run``); RLlib's default is 1e-8."""
+from metta_core.phase import MinibatchSchedule, PhaseSizes, PhaseStats, clip_and_step, run_phase
+from metta_core.ppo_math import PPOTerms
 
 METTA_STATE_KEY = "metta_loss"
 """Key of the Metta loss state in ``get_state()``: ``anneal_beta``, ``epoch``, ``generator``."""
@@ -42,6 +42,14 @@ METTA_STATE_KEY = "metta_loss"
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _sum_over_learners(total: torch.Tensor) -> torch.Tensor:
+    """``total`` summed over the learners when there are several (the ``PhaseStats`` reduction
+    hook: the target-KL rule then reads the global mean ``approx_kl``)."""
+    if _distributed():
+        torch.distributed.all_reduce(total)
+    return total
 
 
 class MettaPPOLearner(TorchLearner):
@@ -80,17 +88,8 @@ class MettaPPOLearner(TorchLearner):
         seed = 0 if self.config.seed is None else int(self.config.seed)
         self._metta_generator = torch.Generator().manual_seed(seed + 1_000_003 * self._learner_index)
         self._metta_epoch = 0
-        self._metta_beta = anneal_beta(0, **self._beta_args())
-        self._metta_tracked: Dict[ModuleID, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
-
-    def _beta_args(self) -> dict:
-        prio = self._metta_ppo.prioritized_experience_replay
-        return dict(
-            total_timesteps=self._metta_trainer.total_timesteps,
-            batch_size=self._metta_trainer.batch_size,
-            prio_alpha=prio.prio_alpha,
-            prio_beta0=prio.prio_beta0,
-        )
+        self._metta_beta = self._metta_ppo.prioritized_experience_replay.prio_beta0  # anneal_beta at epoch 0
+        self._metta_stats: Dict[ModuleID, PhaseStats] = defaultdict(lambda: PhaseStats(_sum_over_learners))
 
     @override(TorchLearner)
     def configure_optimizers_for_module(self, module_id: ModuleID, config=None) -> None:
@@ -110,8 +109,7 @@ class MettaPPOLearner(TorchLearner):
     def record_metta_terms(self, module_id: ModuleID, terms: PPOTerms) -> None:
         """Track one minibatch's stats (SPEC §4.7); a minibatch without valid slots is not tracked."""
         if terms.count:
-            for name, value in terms.stats().items():
-                self._metta_tracked[module_id][name].append(value)
+            self._metta_stats[module_id].track(terms.stats())
 
     @override(TorchLearner)
     def update(
@@ -162,11 +160,11 @@ class MettaPPOLearner(TorchLearner):
             return self.metrics.reduce()
 
     def _train_phase(self, module_id: ModuleID, batch: Dict[str, torch.Tensor]) -> None:
-        """SPEC §4 steps 1-9 for one module on its ``[segments, horizon]`` batch."""
-        ppo = self._metta_ppo
-        horizon = self._metta_trainer.bptt_horizon
-        sizes = self._metta_trainer.sizes
-        mb_segments, accumulate = sizes["minibatch_segments"], sizes["accumulate_minibatches"]
+        """SPEC §4 for one module on its ``[segments, horizon]`` batch, driven by ``metta_core.phase``."""
+        ppo, trainer = self._metta_ppo, self._metta_trainer
+        horizon = trainer.bptt_horizon
+        sizes = PhaseSizes.of(trainer)
+        mb_segments = sizes.minibatch_segments
         segments = check_metta_batch(batch, horizon, where=f"MettaPPOLearner.update (module {module_id!r})")
         batch = {c: batch[c] for c in LAYOUT_COLUMNS}
         if segments < mb_segments:  # a small or empty shard: pad with fully masked rows (zeros, mask False)
@@ -174,57 +172,44 @@ class MettaPPOLearner(TorchLearner):
             batch = {c: torch.cat([v, v.new_zeros((extra, *v.shape[1:]))]) for c, v in batch.items()}
             segments = mb_segments
         rows = {c: v.reshape(segments, horizon, *v.shape[1:]) for c, v in batch.items()}
-        advantages = rows[Columns.ADVANTAGES]
-        prio = ppo.prioritized_experience_replay
-        self._metta_beta = anneal_beta(self._metta_epoch, **self._beta_args())
-        params = self.get_parameters(self.module[module_id])
-        optimizers = [opt for _, opt in self.get_optimizers_for_module(module_id)]
-        tracked = self._metta_tracked[module_id]
-        tracked.clear()
-        stop = False
-        for _epoch in range(self._metta_trainer.update_epochs):
-            for mb_idx in range(sizes["num_minibatches"]):
-                evaluate_only = ppo.target_kl is not None and mb_idx > 0 and self._mean_kl(tracked) > ppo.target_kl
-                idx, prio_w = prioritized_sample(
-                    advantages, mb_segments, prio_alpha=prio.prio_alpha, prio_beta=self._metta_beta,
-                    generator=self._metta_generator,
-                )
-                minibatch = {c: v[idx].reshape(mb_segments * horizon, *v.shape[2:]) for c, v in rows.items()}
-                minibatch[MettaColumns.PRIO_WEIGHTS] = prio_w.expand(mb_segments, horizon).reshape(-1)
-                fwd_out = self.module.forward_train({module_id: minibatch})
-                loss = self.compute_losses(fwd_out=fwd_out, batch={module_id: minibatch})[module_id]
-                if evaluate_only:
-                    stop = True
-                    break
-                if mb_idx % accumulate == 0:
-                    for opt in optimizers:
-                        opt.zero_grad()
-                loss.backward()
-                if (mb_idx + 1) % accumulate == 0:
-                    torch.nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
-                    for opt in optimizers:
-                        opt.step()
-            if stop:
-                break
-        mask = batch[Columns.LOSS_MASK]
-        stats = {name: float(np.mean(values)) for name, values in tracked.items() if values}
-        # explained variance over the valid slots of the whole buffer (SPEC §4, end of phase)
-        stats["explained_variance"] = (
-            explained_variance(batch[Columns.ADVANTAGES][mask], batch[Columns.VF_PREDS][mask])
-            if int(mask.sum()) > 1 else 0.0
+        schedule = MinibatchSchedule(
+            minibatch_segments=mb_segments, prio=ppo.prioritized_experience_replay,
+            total_timesteps=trainer.total_timesteps, batch_size=trainer.batch_size, generator=self._metta_generator,
         )
-        stats["anneal_beta"] = self._metta_beta
-        self.metrics.log_dict(rllib_stats(stats), key=module_id, window=1)
-        self.metrics.log_value((module_id, self.TOTAL_LOSS_KEY), float(loss.detach()), window=1)
+        stats = self._metta_stats[module_id]
+        stats.clear()
+        optimizers = [opt for _, opt in self.get_optimizers_for_module(module_id)]
+        last_loss = torch.zeros(())
 
-    def _mean_kl(self, tracked: Dict[str, list]) -> float:
-        """Mean of the ``approx_kl`` values tracked so far in this phase (over all learners if distributed)."""
-        values = tracked.get("approx_kl", [])
-        if not _distributed():
-            return float(np.mean(values)) if values else 0.0
-        total = torch.tensor([float(sum(values)), float(len(values))], dtype=torch.float64)
-        torch.distributed.all_reduce(total)
-        return float(total[0] / total[1]) if total[1] > 0 else 0.0
+        def minibatch(_epoch: int, mb_idx: int) -> tuple[torch.Tensor, bool]:
+            nonlocal last_loss
+            stop = stats.target_kl_reached(mb_idx, ppo.target_kl)  # collective with several learners
+            if mb_idx == 0:  # the connector's A0 (the buffer does not change during the phase)
+                schedule.start_epoch(rows[Columns.ADVANTAGES], self._metta_epoch)
+            idx, prio_w = schedule.draw()
+            mb = {c: v[idx].reshape(mb_segments * horizon, *v.shape[2:]) for c, v in rows.items()}
+            mb[MettaColumns.PRIO_WEIGHTS] = prio_w.expand(mb_segments, horizon).reshape(-1)
+            fwd_out = self.module.forward_train({module_id: mb})
+            last_loss = self.compute_losses(fwd_out=fwd_out, batch={module_id: mb})[module_id]
+            return last_loss, stop
+
+        def zero_grad() -> None:
+            for opt in optimizers:
+                opt.zero_grad()
+
+        run_phase(
+            sizes, minibatch, zero_grad=zero_grad,
+            step=clip_and_step(self.get_parameters(self.module[module_id]), optimizers, ppo.max_grad_norm),
+        )
+        self._metta_beta = schedule.beta
+        mask = batch[Columns.LOSS_MASK]
+        # explained variance over the valid slots of the whole buffer (SPEC §4, end of phase)
+        if int(mask.sum()) > 1:
+            stats.record_explained_variance(batch[Columns.ADVANTAGES][mask], batch[Columns.VF_PREDS][mask])
+        else:
+            stats.values["explained_variance"] = [0.0]
+        self.metrics.log_dict(rllib_stats({**stats.means(), "anneal_beta": self._metta_beta}), key=module_id, window=1)
+        self.metrics.log_value((module_id, self.TOTAL_LOSS_KEY), float(last_loss.detach()), window=1)
 
     @override(TorchLearner)
     def get_state(self, components=None, *, not_components=None, **kwargs):

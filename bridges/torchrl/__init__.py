@@ -1,15 +1,21 @@
-"""Metta's PPO inside TorchRL: a ``LossModule``, a value estimator and a segment sampler.
+"""Metta's PPO inside TorchRL: a ``LossModule``, a value estimator, a segment sampler and the phase.
 
     loss = MettaPPOLoss(actor, critic)                   # PPOConfig defaults
-    sampler = MettaSegmentSampler(loss, minibatch_segments=8, total_timesteps=500_000,
+    optimizer = torch.optim.Adam(loss.parameters(), lr=1e-3, eps=1e-12)
+    sampler = MettaSegmentSampler(loss, minibatch_segments=8, total_timesteps=500_000, update_epochs=4,
                                   generator=torch.Generator().manual_seed(0))
-    for data in collector:                               # [B, T] batches
-        for mb_idx, mb in sampler.phase(data, epoch=i):
-            sum(v for k, v in loss(mb).items() if k.startswith("loss_")).backward()
+    train_phase = MettaPPOPhase(loss, optimizer, sampler)
+    for epoch, data in enumerate(collector):
+        stats = train_phase(data.reshape(-1, 32), epoch=epoch)   # [B, T] rows; clip, step, target KL
+
+``MettaPPOPhase`` runs Metta's whole training phase (SPEC §4); calling ``loss(minibatch)`` yourself
+gives the ``loss_*`` terms of one minibatch, and the rest (clipping, accumulation, the target-KL
+stop) is then yours to do.
 """
 
 from bridges.torchrl.estimator import MettaAdvantage
 from bridges.torchrl.loss import MettaPPOLoss
+from bridges.torchrl.phase import MettaPPOPhase
 from bridges.torchrl.sampler import MettaSegmentSampler
 
-__all__ = ["MettaAdvantage", "MettaPPOLoss", "MettaSegmentSampler"]
+__all__ = ["MettaAdvantage", "MettaPPOLoss", "MettaPPOPhase", "MettaSegmentSampler"]

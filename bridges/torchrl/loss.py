@@ -22,7 +22,8 @@ from torchrl.objectives.value import ValueEstimatorBase
 
 from metta_core.config import PPOConfig
 from metta_core.errors import MettaError
-from metta_core.ppo_math import PPOTerms, explained_variance, ppo_minibatch_loss
+from metta_core.phase import PhaseStats
+from metta_core.ppo_math import explained_variance, ppo_minibatch_loss
 
 from bridges.torchrl.estimator import MettaAdvantage
 from bridges.torchrl.layout import check_batch_time, metta_rewards_dones, read_bt, require_finite
@@ -169,8 +170,7 @@ class MettaPPOLoss(LossModule):
             self.register_coeff_buffer(name, getattr(base, name), device=device, dtype=torch.float64)
         beta0 = base.prioritized_experience_replay.prio_beta0
         self.register_buffer("anneal_beta", torch.tensor(beta0, dtype=torch.float64, device=device))
-        self._tracker: dict[str, list[float]] = {name: [] for name in PPOTerms.STATS}
-        self._phase_explained_variance: float | None = None
+        self.phase_stats = PhaseStats()
 
         log_prob_keys = getattr(actor_network, "log_prob_keys", None)
         if log_prob_keys:
@@ -376,9 +376,7 @@ class MettaPPOLoss(LossModule):
             new_values=new_values, values=values.detach(), rewards=rewards, dones=dones,
             advantages=first_adv.detach(), prio_weights=prio_weights,
         )
-        stats = terms.stats()
-        for name, value in stats.items():
-            self._tracker[name].append(value)
+        self.phase_stats.track(terms.stats())
         ev = explained_variance(first_adv.detach(), values.detach())
         out = TensorDict(
             {
@@ -457,40 +455,23 @@ class MettaPPOLoss(LossModule):
     # --- stats and state ----------------------------------------------------------------------
 
     def zero_loss_tracker(self) -> None:
-        """Clear the tracked stats (the trainer does this when a training phase starts)."""
-        for values in self._tracker.values():
-            values.clear()
-        self._phase_explained_variance = None
-
-    def record_explained_variance(self, value: float) -> None:
-        """Set the phase's explained variance (SPEC §4: of the last whole-buffer first pass)."""
-        self._phase_explained_variance = float(value)
+        """Clear the phase stats (the trainer does this when a training phase starts)."""
+        self.phase_stats.clear()
 
     def stats(self) -> dict[str, float]:
-        """Mean of each tracked stat over the calls since the last ``zero_loss_tracker``
-        (SPEC §4.7), plus ``explained_variance`` of the phase and ``anneal_beta``."""
-        out = {name: sum(v) / len(v) for name, v in self._tracker.items() if v}
-        if self._phase_explained_variance is not None:
-            out["explained_variance"] = self._phase_explained_variance
-        out["anneal_beta"] = float(self.anneal_beta)
-        return out
+        """Mean of each stat tracked in ``phase_stats`` since the last ``zero_loss_tracker``
+        (SPEC §4.7; ``explained_variance`` when a sampler recorded it), plus ``anneal_beta``."""
+        return {**self.phase_stats.means(), "anneal_beta": float(self.anneal_beta)}
 
     def target_kl_reached(self, mb_idx: int) -> bool:
-        """SPEC §4.1: with ``target_kl`` set and ``mb_idx > 0``, whether the mean ``approx_kl``
-        tracked so far in the phase exceeds it (then: evaluate this minibatch, skip its step, stop)."""
-        target = self._base_config.target_kl
-        tracked = self._tracker["approx_kl"]
-        return target is not None and mb_idx > 0 and bool(tracked) and sum(tracked) / len(tracked) > target
+        """SPEC §4.1 for this loss's ``target_kl`` (``PhaseStats.target_kl_reached``)."""
+        return self.phase_stats.target_kl_reached(mb_idx, self._base_config.target_kl)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "config": self._base_config.model_dump(),
-            "tracker": {name: list(v) for name, v in self._tracker.items()},
-            "explained_variance": self._phase_explained_variance,
-        }
+        return {"config": self._base_config.model_dump(), "tracker": self.phase_stats.state_dict()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        expected = {"config", "tracker", "explained_variance"}
+        expected = {"config", "tracker"}
         if set(state) != expected:
             raise MettaError(
                 f"{type(self).__name__}.load_state_dict: extra state has keys {sorted(state)}, expected "
@@ -498,8 +479,7 @@ class MettaPPOLoss(LossModule):
             )
         self._base_config = PPOConfig.model_validate(state["config"])
         self._config_cache = None
-        self._tracker = {name: list(state["tracker"].get(name, [])) for name in PPOTerms.STATS}
-        self._phase_explained_variance = state["explained_variance"]
+        self.phase_stats.load_state_dict(state["tracker"])
 
 
 def _validated_update(cfg: PPOConfig, updates: dict[str, Any], who: str) -> None:

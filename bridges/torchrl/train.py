@@ -2,8 +2,8 @@
 
 Pipeline: a batched gymnasium env wrapped by TorchRL's ``GymWrapper`` -> ``Collector`` with the
 actor and critic (the critic records ``state_value`` at collection) -> ``[num_envs, S]`` batch
-reshaped into ``[segments, bptt_horizon]`` rows -> ``MettaSegmentSampler`` minibatches ->
-``MettaPPOLoss`` -> Adam with Metta's settings and ``clip_grad_norm_(max_grad_norm)``.
+reshaped into ``[segments, bptt_horizon]`` rows -> ``MettaPPOPhase`` (``MettaSegmentSampler``
+minibatches, ``MettaPPOLoss``, Adam with Metta's settings and ``clip_grad_norm_(max_grad_norm)``).
 With ``compare_native`` the same pipeline then also trains TorchRL's ``ClipPPOLoss`` + ``GAE``
 (summary under ``"native"``, metrics in ``out_dir/native``).
 
@@ -35,11 +35,13 @@ from torchrl.objectives.value import GAE
 
 from metta_core.config import ADAM_EPS
 from metta_core.errors import MettaError
+from metta_core.phase import PhaseSizes, PhaseStats, clip_and_step, run_phase
 from metta_core.policy import mlp
 from metta_core.run import ReturnTracker, TrainArgs, drive, load_checkpoint, save_checkpoint
 
 from bridges.torchrl.layout import TIME_DIM_NAME
 from bridges.torchrl.loss import MettaPPOLoss
+from bridges.torchrl.phase import LOSS_PREFIX, MettaPPOPhase
 from bridges.torchrl.sampler import MettaSegmentSampler
 
 
@@ -126,6 +128,9 @@ class TorchRLRun:
             self.loss, minibatch_segments=self.sizes["minibatch_segments"], total_timesteps=args.total_timesteps,
             update_epochs=args.update_epochs, generator=self.generator,
         ) if not self.native else None
+        self.train_phase = MettaPPOPhase(
+            self.loss, self.optimizer, self.sampler, accumulate_minibatches=self.sizes["accumulate_minibatches"],
+        ) if not self.native else None
         self.collector = Collector(
             self.env, self.policy, frames_per_batch=args.batch_size, total_frames=-1,
             auto_register_policy_transforms=False,
@@ -153,45 +158,38 @@ class TorchRLRun:
             **stats,
         }
 
-    def _step(self, loss_td: TensorDictBase, mb_idx: int) -> None:
-        """Backward; every ``accumulate_minibatches`` minibatches clip and step (SPEC §4.8)."""
-        accumulate = self.sizes["accumulate_minibatches"]
-        if mb_idx % accumulate == 0:
-            self.optimizer.zero_grad()
-        sum(v for k, v in loss_td.items() if k.startswith("loss_")).backward()
-        if (mb_idx + 1) % accumulate == 0:
-            torch.nn.utils.clip_grad_norm_(self.loss.parameters(), self.ppo_cfg.max_grad_norm)
-            self.optimizer.step()
-
     def _train_metta(self, data: TensorDictBase) -> dict[str, float]:
         rows = data.reshape(-1, self.args.bptt_horizon)  # each env's steps cut into consecutive rows
         rows.names = [None, TIME_DIM_NAME]
-        for mb_idx, minibatch in self.sampler.phase(rows, epoch=self.epoch):
-            stop = self.loss.target_kl_reached(mb_idx)
-            loss_td = self.loss(minibatch)
-            if stop:
-                break
-            self._step(loss_td, mb_idx)
-        return self.loss.stats()
+        return self.train_phase(rows, epoch=self.epoch)
 
     def _train_native(self, data: TensorDictBase) -> dict[str, float]:
-        """TorchRL's recipe: GAE over the whole ``[num_envs, S]`` batch, uniform flat minibatches."""
+        """TorchRL's recipe: GAE over the whole ``[num_envs, S]`` batch, then per update epoch a
+        fresh permutation cut into flat minibatches; Metta's accumulation, clip and step."""
         data = data.exclude(self.loss.tensor_keys.value)  # GAE evaluates the critic on obs and next obs itself
         with torch.no_grad():
             self.loss.value_estimator(data, params=self.loss.critic_network_params.detach())
         flat = data.reshape(-1)
         mb_size = self.sizes["minibatch_size"]
-        tracked: dict[str, list[float]] = {}
-        count = 0
-        for _ in range(self.args.update_epochs):
-            order = torch.randperm(flat.numel(), generator=self.generator)
-            for start in range(0, flat.numel(), mb_size):
-                loss_td = self.loss(flat[order[start:start + mb_size]])
-                self._step(loss_td, count)
-                count += 1
-                for k, v in loss_td.items():
-                    tracked.setdefault(k, []).append(float(v.detach()))
-        return {k: sum(v) / len(v) for k, v in tracked.items()}
+        tracked = PhaseStats()
+        order = torch.arange(flat.numel())
+
+        def minibatch(_epoch: int, mb_idx: int) -> tuple[torch.Tensor, bool]:
+            nonlocal order
+            if mb_idx == 0:
+                order = torch.randperm(flat.numel(), generator=self.generator)
+            loss_td = self.loss(flat[order[mb_idx * mb_size:(mb_idx + 1) * mb_size]])
+            tracked.track({k: float(v.detach()) for k, v in loss_td.items()})
+            return sum(v for k, v in loss_td.items() if k.startswith(LOSS_PREFIX)), False
+
+        sizes = PhaseSizes(
+            update_epochs=self.args.update_epochs, num_minibatches=flat.numel() // mb_size,
+            minibatch_segments=self.sizes["minibatch_segments"],
+            accumulate_minibatches=self.sizes["accumulate_minibatches"],
+        )
+        run_phase(sizes, minibatch, zero_grad=self.optimizer.zero_grad,
+                  step=clip_and_step(self.loss.parameters(), [self.optimizer], self.ppo_cfg.max_grad_norm))
+        return tracked.means()
 
     def state_dict(self) -> dict[str, Any]:
         venv = self.env.base_env._env

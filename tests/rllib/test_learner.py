@@ -67,7 +67,7 @@ def test_loss_terms_equal_core(learner):
     mb = learner_minibatch(batch, idx, prio_w)
     fwd = learner.module.forward_train({DEFAULT_MODULE_ID: mb})
     loss = learner.compute_losses(fwd_out=fwd, batch={DEFAULT_MODULE_ID: mb})[DEFAULT_MODULE_ID]
-    tracked = learner._metta_tracked[DEFAULT_MODULE_ID]
+    tracked = learner._metta_stats[DEFAULT_MODULE_ID].values
     core = core_terms(learner.module[DEFAULT_MODULE_ID].unwrapped(), batch, idx, prio_w, learner._metta_ppo)
     assert abs(float(loss.detach()) - float(core.loss.detach())) <= 1e-6
     for name, value in core.stats().items():
@@ -84,7 +84,10 @@ def test_update_equals_core_step(prio_alpha):
     batch = layout_batch(learner, seed=1)
     ppo = learner._metta_ppo
     for epoch in range(2):  # two phases: beta anneals with the trainer epoch
-        beta = anneal_beta(epoch, 320, SEGMENTS * HORIZON, prio_alpha, ppo.prioritized_experience_replay.prio_beta0)
+        beta = anneal_beta(
+            epoch, total_timesteps=320, batch_size=SEGMENTS * HORIZON, prio_alpha=prio_alpha,
+            prio_beta0=ppo.prioritized_experience_replay.prio_beta0,
+        )
         idx, prio_w = sample(learner, batch, beta)
         core = core_terms(core_module, batch, idx, prio_w, ppo)
         optimizer.zero_grad()
@@ -117,7 +120,7 @@ def test_target_kl_stops_phase_after_first_step():
     torch.nn.utils.clip_grad_norm_(list(core_module.parameters()), learner._metta_ppo.max_grad_norm)
     optimizer.step()
     learner.update(batch=as_multi_agent(batch))
-    assert len(learner._metta_tracked[DEFAULT_MODULE_ID]["approx_kl"]) == 2  # stepped one, evaluated one
+    assert len(learner._metta_stats[DEFAULT_MODULE_ID].values["approx_kl"]) == 2  # stepped one, evaluated one
     for p, q in zip(module.parameters(), core_module.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
@@ -158,7 +161,9 @@ def test_self_supervised_loss_path_equals_learner_path(learner):
         losses.append(lrn.compute_losses(fwd_out=fwd, batch={DEFAULT_MODULE_ID: mb})[DEFAULT_MODULE_ID])
     assert isinstance(ssl_learner.module[DEFAULT_MODULE_ID].unwrapped(), MettaSelfSupervisedLoss)
     assert float(losses[0].detach()) == float(losses[1].detach())
-    assert learner._metta_tracked == ssl_learner._metta_tracked
+    assert {m: s.state_dict() for m, s in learner._metta_stats.items()} == {
+        m: s.state_dict() for m, s in ssl_learner._metta_stats.items()
+    }
 
 
 def test_stock_learner_calls_module_loss():

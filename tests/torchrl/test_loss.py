@@ -263,7 +263,7 @@ def test_state_dict_round_trip_restores_tracker_beta_and_config():
     loss(batch)
     loss(batch)
     loss.anneal_beta = 0.75
-    loss.record_explained_variance(0.5)
+    loss.phase_stats.values["explained_variance"] = [0.5]
     state = loss.state_dict()
     actor2, critic2 = make_modules(seed=9)
     other = MettaPPOLoss(actor2, critic2)

@@ -34,7 +34,7 @@ def test_minibatches_are_whole_rows_with_spec_weights():
     epoch = 3
     a0 = first_pass(batch, cfg)
     probs = torch.tensor(sample_probabilities(a0.numpy(), 0.7))
-    beta = anneal_beta(epoch, 10 * B * T, B * T, 0.7, 0.6)
+    beta = anneal_beta(epoch, total_timesteps=10 * B * T, batch_size=B * T, prio_alpha=0.7, prio_beta0=0.6)
     replay = torch.Generator().manual_seed(0)
     minibatches = list(sampler.phase(batch, epoch=epoch))
     assert [i for i, _ in minibatches] == list(range(B // MB))
@@ -74,7 +74,7 @@ def test_phase_clears_tracker_and_records_explained_variance():
     values, _, _ = metta_layout(batch)
     stats = loss.stats()
     assert stats["explained_variance"] == pytest.approx(explained_variance(first_pass(batch, cfg), values))
-    assert len(loss._tracker["policy_loss"]) == count  # the call before the phase was cleared
+    assert len(loss.phase_stats.values["policy_loss"]) == count  # the call before the phase was cleared
 
 
 def test_rows_must_divide():

@@ -14,7 +14,7 @@ from tensordict.nn import TensorDictModule
 from torch import nn
 from torchrl.modules import IndependentNormal, ProbabilisticActor, ValueOperator
 
-from bridges.torchrl import MettaPPOLoss, MettaSegmentSampler
+from bridges.torchrl import MettaPPOLoss, MettaPPOPhase, MettaSegmentSampler
 
 from bridges.conformance.cases import Case
 from bridges.conformance.reference import PHASE_STAT_NAMES, Measurement
@@ -105,23 +105,13 @@ def run(case: Case) -> Measurement:
                                  [optimizer(case, loss.parameters())], ppo.max_grad_norm)
 
     loss, policy = _loss(case)
-    opt = optimizer(case, loss.parameters())
-    accumulate = trainer.sizes["accumulate_minibatches"]
     sampler = MettaSegmentSampler(loss, minibatch_segments=trainer.sizes["minibatch_segments"],
                                   total_timesteps=trainer.total_timesteps, update_epochs=trainer.update_epochs,
                                   generator=torch.Generator().manual_seed(case.config["sample_seed"]))
-    for mb_idx, mb in sampler.phase(_batch(case, loss), epoch=case.config["trainer_epoch"]):
-        stop = loss.target_kl_reached(mb_idx)
-        mb_out = loss(mb)
-        if stop:
-            break
-        if mb_idx % accumulate == 0:
-            opt.zero_grad()
-        sum(mb_out[k] for k in LOSS_KEYS).backward()
-        if (mb_idx + 1) % accumulate == 0:
-            torch.nn.utils.clip_grad_norm_(list(loss.parameters()), ppo.max_grad_norm)
-            opt.step()
-    stats = loss.stats()
+    train_phase = MettaPPOPhase(loss, optimizer(case, loss.parameters()), sampler,
+                                accumulate_minibatches=trainer.sizes["accumulate_minibatches"],
+                                max_grad_norm=ppo.max_grad_norm)
+    stats = train_phase(_batch(case, loss), epoch=case.config["trainer_epoch"])
     return Measurement(terms=_terms(out), grads=grads, params_after_step=after_step,
                        phase_stats={k: stats[k] for k in PHASE_STAT_NAMES if k in stats},
                        params_after_phase=snapshot(policy.named_parameters()))
