@@ -10,13 +10,13 @@ The loop, step by step (the pieces live in bridges/torchrl/train.py):
     actor, critic = make_actor_critic(env, hidden_size)         # Categorical actor, ValueOperator
     loss      = MettaPPOLoss(actor, critic, PPOConfig())        # Metta's defaults for every coefficient
     sampler   = MettaSegmentSampler(loss, minibatch_segments=..., total_timesteps=..., generator=...)
+    phase     = MettaPPOPhase(loss, optimizer, sampler)         # Metta's training phase (SPEC §4)
     collector = Collector(env, TensorDictSequential(actor, critic), frames_per_batch=batch_size)
-    for data in collector:                                      # [num_envs, batch_size / num_envs]
+    for i, data in enumerate(collector):                        # [num_envs, batch_size / num_envs]
         rows = data.reshape(-1, bptt_horizon)                   # Metta's [segments, horizon] rows
-        for mb_idx, minibatch in sampler.phase(rows, epoch=i):  # priority_weight set per row
-            losses = loss(minibatch)
-            (losses["loss_objective"] + losses["loss_critic"] + losses["loss_entropy"]).backward()
-            clip_grad_norm_(loss.parameters(), max_grad_norm); optimizer.step(); optimizer.zero_grad()
+        stats = phase(rows, epoch=i)                            # minibatches, clip, step, target KL
+
+``examples/torchrl_own_loop.py`` is the same loop written out with plain TorchRL pieces.
 
 Only sizes, learning rate and network width are tuned here (the defaults below); the PPO
 coefficients are Metta's ``PPOConfig`` defaults. Metrics go to ``<out-dir>/metrics.jsonl``

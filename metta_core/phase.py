@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from metta_core.config import PrioritizedExperienceReplayConfig, TrainerConfig
-from metta_core.errors import MettaError
+from metta_core.errors import MettaError, require_positive_ints
 from metta_core.ppo_math import anneal_beta, explained_variance, prioritized_sample
 
 __all__ = ["PhaseSizes", "MinibatchSchedule", "PhaseStats", "run_phase", "clip_and_step"]
@@ -46,10 +46,10 @@ class PhaseSizes:
     """Minibatches whose gradients add up before one clip-and-step."""
 
     def __post_init__(self) -> None:
-        for name in ("update_epochs", "num_minibatches", "minibatch_segments", "accumulate_minibatches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise MettaError(f"PhaseSizes: {name} must be a positive int, got {value!r}")
+        require_positive_ints(
+            "PhaseSizes", update_epochs=self.update_epochs, num_minibatches=self.num_minibatches,
+            minibatch_segments=self.minibatch_segments, accumulate_minibatches=self.accumulate_minibatches,
+        )
 
     @classmethod
     def of(cls, trainer: TrainerConfig) -> "PhaseSizes":
@@ -86,10 +86,10 @@ class MinibatchSchedule:
         batch_size: int,
         generator: torch.Generator | None = None,
     ) -> None:
-        for name, value in (("minibatch_segments", minibatch_segments), ("total_timesteps", total_timesteps),
-                            ("batch_size", batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise MettaError(f"MinibatchSchedule: {name} must be a positive int, got {value!r}")
+        require_positive_ints(
+            "MinibatchSchedule", minibatch_segments=minibatch_segments, total_timesteps=total_timesteps,
+            batch_size=batch_size,
+        )
         self.minibatch_segments = minibatch_segments
         self.prio = prio
         self.total_timesteps = total_timesteps

@@ -20,7 +20,7 @@ import dataclasses
 import torch
 from tensordict import TensorDictBase
 
-from metta_core.errors import MettaError
+from metta_core.errors import MettaError, require_positive_ints
 from metta_core.phase import clip_and_step, run_phase
 
 from bridges.torchrl.loss import MettaPPOLoss
@@ -52,8 +52,7 @@ class MettaPPOPhase:
     ) -> None:
         if sampler.loss is not loss:
             raise MettaError("MettaPPOPhase: the sampler was built for another loss; use MettaSegmentSampler(loss, ...)")
-        if not isinstance(accumulate_minibatches, int) or accumulate_minibatches < 1:
-            raise MettaError(f"MettaPPOPhase: accumulate_minibatches must be a positive int, got {accumulate_minibatches!r}")
+        require_positive_ints("MettaPPOPhase", accumulate_minibatches=accumulate_minibatches)
         self.loss = loss
         self.optimizer = optimizer
         self.sampler = sampler

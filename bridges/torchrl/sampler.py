@@ -7,7 +7,7 @@ from typing import Any, Iterator
 import torch
 from tensordict import TensorDictBase
 
-from metta_core.errors import MettaError
+from metta_core.errors import MettaError, require_positive_ints
 from metta_core.phase import MinibatchSchedule, PhaseSizes
 
 from bridges.torchrl.layout import check_batch_time, read_bt
@@ -42,10 +42,10 @@ class MettaSegmentSampler:
         update_epochs: int = 1,
         generator: torch.Generator | None = None,
     ) -> None:
-        for name, value in (("minibatch_segments", minibatch_segments), ("total_timesteps", total_timesteps),
-                            ("update_epochs", update_epochs)):
-            if not isinstance(value, int) or value < 1:
-                raise MettaError(f"MettaSegmentSampler: {name} must be a positive int, got {value!r}")
+        require_positive_ints(
+            "MettaSegmentSampler", minibatch_segments=minibatch_segments, total_timesteps=total_timesteps,
+            update_epochs=update_epochs,
+        )
         self.loss = loss
         self.minibatch_segments = minibatch_segments
         self.total_timesteps = total_timesteps
