@@ -21,11 +21,14 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.core.learner.training_data import TrainingData
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.utils.annotations import override
+from ray.rllib.utils.metrics import DIFF_NUM_GRAD_UPDATES_VS_SAMPLER_POLICY, WEIGHTS_SEQ_NO
 from ray.rllib.utils.typing import ModuleID
 
 from bridges.rllib.config import metta_settings
@@ -143,6 +146,7 @@ class MettaPPOLearner(TorchLearner):
         if training_data.data_iterators:
             raise MettaError("MettaPPOLearner: data_iterators (offline RL) are not supported; pass episodes or a batch")
         self._weights_seq_no += 1
+        self._log_off_policyness(training_data.episodes or [])
         ma_batch = self._make_batch_if_necessary(training_data=training_data)
         for module_id in self.module.keys():
             if not self.should_module_be_updated(module_id, ma_batch):
@@ -158,6 +162,24 @@ class MettaPPOLearner(TorchLearner):
         self.after_gradient_based_update(timesteps=timesteps or {})
         if not _no_metrics_reduce:
             return self.metrics.reduce()
+
+    def _log_off_policyness(self, episodes: list) -> None:
+        """RLlib's ``diff_num_grad_updates_vs_sampler_policy`` per module: the mean over the sampled
+        steps of (this update's weights version - the version the env runner sampled with), from the
+        episodes' ``WEIGHTS_SEQ_NO`` (RLlib computes it from the batch column, which the Metta layout
+        does not carry). Episodes without it (built by hand) are skipped."""
+        versions: Dict[ModuleID, list] = defaultdict(list)
+        for episode in ConnectorV2.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
+            try:
+                seq = episode.get_extra_model_outputs(WEIGHTS_SEQ_NO)
+            except KeyError:
+                continue
+            versions[episode.module_id or DEFAULT_MODULE_ID].append(np.asarray(seq, dtype=np.float64).reshape(-1))
+        for module_id, seqs in versions.items():
+            steps = np.concatenate(seqs)
+            if steps.size:
+                lag = float(self._weights_seq_no - steps.mean())
+                self.metrics.log_value((module_id, DIFF_NUM_GRAD_UPDATES_VS_SAMPLER_POLICY), lag, window=1)
 
     def _train_phase(self, module_id: ModuleID, batch: Dict[str, torch.Tensor]) -> None:
         """SPEC §4 for one module on its ``[segments, horizon]`` batch, driven by ``metta_core.phase``."""
