@@ -70,7 +70,8 @@ class MettaPPOLearner(TorchLearner):
 
     Metrics (per module, means over the phase's minibatches, SPEC §4.7): ``policy_loss``,
     ``vf_loss``, ``entropy`` (RLlib's keys), ``approx_kl``, ``clipfrac``, ``importance``,
-    ``current_logprobs``, ``explained_variance``, ``anneal_beta``.
+    ``current_logprobs``, ``explained_variance``, ``anneal_beta``; RLlib's ``vf_explained_var``,
+    ``gradients_default_optimizer_global_norm`` and ``diff_num_grad_updates_vs_sampler_policy``.
     State (``get_state``/``set_state``, thus ``save_to_path``/``restore_from_path``): besides
     RLlib's module and optimizer state, ``anneal_beta``, the trainer ``epoch`` (phases run) and
     the sampling generator.
