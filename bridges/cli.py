@@ -3,6 +3,7 @@
     metta-bridges train --framework core --env CartPole-v1
     metta-bridges train --framework torchrl --seed 1 --save-checkpoint runs/ckpt.pt
     metta-bridges train --framework rllib --num-learners 2
+    metta-bridges train --framework rllib --address 127.0.0.1:6379 --num-env-runners 2
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ FRAMEWORK_TRAINERS = {
     "rllib": "bridges.rllib.train",
 }
 
-__all__ = ["TrainArgs", "main", "parse_train_args"]
+FRAMEWORK_SETTINGS = {"rllib": "bridges.rllib.settings:RLlibSettings"}
+"""Settings only one framework reads (``module:dataclass``, importable without the framework);
+passed to its ``train(args, settings)``."""
+
+__all__ = ["TrainArgs", "main", "parse_framework_settings", "parse_train_args"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -42,35 +47,74 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train an agent with Metta's PPO", description=__doc__,
-                       formatter_class=HelpFormatter)
-    hints = get_type_hints(TrainArgs)
-    defaults = TrainArgs()
-    for f in dataclasses.fields(TrainArgs):
-        if f.name == "ppo":
+def _add_fields(group, cls, *, dest_prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field (``num_envs`` -> ``--num-envs``), with its help and default."""
+    hints = get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         kind = hints[f.name]
+        kwargs: dict[str, Any] = {"default": default, "help": f.metadata.get("help"), "dest": dest_prefix + f.name}
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata.get("help"))
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         base = {int: int, float: float, str: str, Path: Path}
-        convert = next((t for t in base if kind in (t, t | None)), str)
-        kwargs: dict[str, Any] = {"type": convert, "default": default, "help": f.metadata.get("help")}
+        kwargs["type"] = next((t for t in base if kind in (t, t | None)), str)
+        kwargs["metavar"] = f.name.upper()
         if f.name == "framework":
             kwargs["choices"] = sorted(FRAMEWORK_TRAINERS)
         if f.name == "metrics_format":
             kwargs["choices"] = ["jsonl", "csv"]
-        p.add_argument(flag, **kwargs)
+        group.add_argument(flag, **kwargs)
+
+
+def _framework_settings(framework: str):
+    """The settings dataclass only ``framework`` reads, or ``None``."""
+    if framework not in FRAMEWORK_SETTINGS:
+        return None
+    module, _, name = FRAMEWORK_SETTINGS[framework].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train an agent with Metta's PPO", description=__doc__,
+                       formatter_class=HelpFormatter)
+    _add_fields(p, TrainArgs, skip=("ppo",))
     p.add_argument("--ppo", type=_parse_override, action="append", default=[], metavar="KEY=VALUE",
                    help="PPOConfig override by dotted path, repeatable (e.g. --ppo vtrace.rho_clip=0.8)")
+    for framework in FRAMEWORK_SETTINGS:
+        group = p.add_argument_group(f"{framework} settings", f"read only with --framework {framework}")
+        _add_fields(group, _framework_settings(framework), dest_prefix=f"{framework}__")
 
 
 def parse_train_args(ns: argparse.Namespace) -> TrainArgs:
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs) if f.name != "ppo"}
     return TrainArgs(**values, ppo=dict(ns.ppo))
+
+
+def parse_framework_settings(ns: argparse.Namespace, framework: str):
+    """The chosen framework's settings from the parsed flags (``None`` if it has none).
+
+    Raises ``MettaError`` if a flag of another framework was changed from its default: that run
+    would not read it.
+    """
+    for other in FRAMEWORK_SETTINGS:
+        if other == framework:
+            continue
+        cls = _framework_settings(other)
+        defaults = cls()
+        changed = [f.name for f in dataclasses.fields(cls) if getattr(ns, f"{other}__{f.name}") != getattr(defaults, f.name)]
+        if changed:
+            flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+            raise MettaError(f"{flags}: {other} setting(s), not read by --framework {framework}; "
+                             f"drop them or use --framework {other}")
+    cls = _framework_settings(framework)
+    if cls is None:
+        return None
+    return cls(**{f.name: getattr(ns, f"{framework}__{f.name}") for f in dataclasses.fields(cls)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "train":
             args = parse_train_args(ns)
             args.ppo_config()  # validate overrides before anything starts
+            settings = parse_framework_settings(ns, args.framework)
             trainer = importlib.import_module(FRAMEWORK_TRAINERS[args.framework])
-            summary = trainer.train(args)
+            summary = trainer.train(args) if settings is None else trainer.train(args, settings)
             print(json.dumps(summary, indent=2, default=str))
             return 0
     except (MettaError, ValueError) as exc:

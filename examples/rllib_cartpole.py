@@ -2,7 +2,8 @@
 
     python examples/rllib_cartpole.py                      # Ray starts locally
     python examples/rllib_cartpole.py --num-learners 2     # two learners (DDP over gloo)
-    python examples/rllib_cartpole.py --address auto       # an existing Ray cluster
+    python examples/rllib_cartpole.py --address auto       # the cluster `ray start` left here
+    python examples/rllib_cartpole.py --address HOST:PORT  # exactly that cluster (its token, if any)
 
 The same run through the CLI: ``metta-bridges train --framework rllib``.
 """
@@ -10,7 +11,6 @@ The same run through the CLI: ``metta-bridges train --framework rllib``.
 from __future__ import annotations
 
 import argparse
-import os
 
 import ray
 from ray.rllib.core import DEFAULT_MODULE_ID
@@ -18,19 +18,20 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EPISODE_RETURN_MEAN, LEARNER_RESULTS
 
 from bridges.rllib import metta_ppo_config
+from bridges.rllib.cluster import join_ray
 from bridges.rllib.module import OrthogonalInitPPOModule
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: a private local Ray)")
     parser.add_argument("--num-learners", type=int, default=0)
     parser.add_argument("--num-env-runners", type=int, default=0)
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    ray.init(address=args.address) if args.address else ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    join_ray(args.address)
     # Metta's PPO coefficients keep their defaults; only sizes, lr and the network are chosen here,
     # the settings of `metta-bridges train --framework rllib`: seeds 0 / 1 / 2 reach a 100-episode
     # mean return of 475 after 266,633 / 278,968 / 438,995 env steps (RLlib's own PPO with the same

@@ -36,7 +36,10 @@ def setting(default: Any, help: str) -> Any:
 
 @dataclass
 class TrainArgs:
-    """Settings of one ``metta-bridges train`` run (shared by all frameworks)."""
+    """Settings of one ``metta-bridges train`` run (shared by all frameworks).
+
+    Settings only one framework reads live with its bridge (``bridges.rllib.settings.RLlibSettings``);
+    ``compare_native`` stays here because TorchRL and RLlib both read it."""
 
     framework: str = setting("core", "core, torchrl or rllib.")
     env: str = setting("CartPole-v1", 'A gymnasium env id with a Box observation space.')
@@ -61,9 +64,6 @@ class TrainArgs:
     progress: bool = setting(True, 'Show a progress bar.')
     device: str = setting("cpu", 'Torch device of the learner.')
     ppo: dict[str, Any] = field(default_factory=dict, metadata={"help": 'PPOConfig overrides by dotted path, e.g. {"vtrace.rho_clip": 0.8}.'})
-    address: str | None = setting(None, 'rllib: address of an existing Ray cluster (default: start Ray locally).')
-    num_learners: int = setting(0, 'rllib: remote learners (0 = learn in the driver).')
-    num_env_runners: int = setting(0, 'rllib: remote env runners (0 = sample in the driver).')
     compare_native: bool = setting(False, "torchrl/rllib: also train the framework's own PPO with the same settings.")
 
     def trainer_config(self) -> TrainerConfig:

@@ -4,21 +4,35 @@
     algo = metta_ppo_config("CartPole-v1", batch_size=4096, bptt_horizon=16).build_algo()
 
 See bridges/rllib/README.md for the layout and the mapping of Metta's settings onto RLlib's.
+The names below are imported on first use, so ``bridges.rllib.settings`` (read by the CLI's
+``--help``) does not import ray.
 """
 
-from bridges.rllib.config import metta_ppo_config, metta_settings
-from bridges.rllib.layout import LAYOUT_COLUMNS, MettaColumns, MettaLayoutConnector, check_metta_batch
-from bridges.rllib.learner import MettaPPOLearner
-from bridges.rllib.loss import MettaSelfSupervisedLoss, metta_loss_terms
+from __future__ import annotations
 
-__all__ = [
-    "LAYOUT_COLUMNS",
-    "MettaColumns",
-    "MettaLayoutConnector",
-    "MettaPPOLearner",
-    "MettaSelfSupervisedLoss",
-    "check_metta_batch",
-    "metta_loss_terms",
-    "metta_ppo_config",
-    "metta_settings",
-]
+import importlib
+
+_EXPORTS = {
+    "LAYOUT_COLUMNS": "bridges.rllib.layout",
+    "MettaColumns": "bridges.rllib.layout",
+    "MettaLayoutConnector": "bridges.rllib.layout",
+    "check_metta_batch": "bridges.rllib.layout",
+    "MettaPPOLearner": "bridges.rllib.learner",
+    "MettaSelfSupervisedLoss": "bridges.rllib.loss",
+    "metta_loss_terms": "bridges.rllib.loss",
+    "metta_ppo_config": "bridges.rllib.config",
+    "metta_settings": "bridges.rllib.config",
+    "RLlibSettings": "bridges.rllib.settings",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bridges.rllib' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -121,6 +121,27 @@ def metta_ppo_config(env: Any = None, **metta_fields: Any) -> RLlibPPOConfig:
     return config
 
 
+def _refuse_unsupported(config) -> None:
+    """RLlib PPO features Metta's PPO does not have, refused rather than ignored (SPEC §4)."""
+    if isinstance(config.entropy_coeff, (list, tuple)):
+        raise MettaError(
+            f"config.entropy_coeff is a schedule ({config.entropy_coeff}); Metta's PPO has a constant ent_coef "
+            f"(no entropy schedule): set metta_ppo_config(ent_coef=...)"
+        )
+    if config.use_kl_loss or config.kl_coeff:
+        raise MettaError(
+            f"config.use_kl_loss={config.use_kl_loss}, kl_coeff={config.kl_coeff}: Metta's PPO has no KL penalty "
+            f"(its target_kl stops the phase early instead); leave use_kl_loss=False and kl_coeff=0 and set "
+            f"metta_ppo_config(target_kl=...)"
+        )
+    if config.grad_clip_by != "global_norm":
+        raise MettaError(
+            f"config.grad_clip_by is {config.grad_clip_by!r}; MettaPPOLearner clips the global norm of the module's "
+            f"gradients at max_grad_norm (SPEC §4.8), grad_clip_by='global_norm'; per-tensor 'norm' or 'value' "
+            f"clipping is not Metta's PPO"
+        )
+
+
 def metta_settings(config) -> tuple[PPOConfig, TrainerConfig]:
     """Metta's ``(PPOConfig, TrainerConfig)`` of an ``AlgorithmConfig`` built by ``metta_ppo_config``.
 
@@ -134,6 +155,7 @@ def metta_settings(config) -> tuple[PPOConfig, TrainerConfig]:
             f"bridges.rllib.metta_ppo_config(...) so the Metta PPO settings are known"
         )
     ppo = _validated("PPOConfig", lambda: PPOConfig.model_validate(stored["ppo"]))
+    _refuse_unsupported(config)
     for metta, rllib in _OVERLAP:
         if getattr(config, rllib) != getattr(ppo, metta):
             raise MettaError(

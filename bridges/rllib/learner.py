@@ -4,8 +4,18 @@
 phase from ``metta_core.phase`` (the one the core trainer and the TorchRL bridge run): for each
 epoch and minibatch, whole segments from ``MinibatchSchedule`` (prioritized, annealed ``beta``);
 loss ``ppo_minibatch_loss`` (V-trace recompute and normalization per minibatch); the ``target_kl``
-stop of ``PhaseStats``; ``run_phase``'s ``clip_grad_norm_(max_grad_norm)`` and optimizer step every
-``accumulate_minibatches`` minibatches. The batch comes from ``MettaLayoutConnector``.
+stop of ``PhaseStats``; every ``accumulate_minibatches`` minibatches one step through RLlib's
+gradient path, ``compute_gradients`` -> ``postprocess_gradients`` -> ``apply_gradients``, whose
+postprocessing is Metta's clip: ``clip_grad_norm_(module params, max_grad_norm)`` (SPEC §4.8). So a
+subclass's overrides of these hooks, RLlib's ``gradients_<optimizer>_global_norm`` metric and its
+non-finite-gradient handling in ``apply_gradients`` apply as in RLlib's own Learners.
+The batch comes from ``MettaLayoutConnector``.
+
+Gradient accumulation: RLlib's ``compute_gradients`` zeroes the gradients before its backward pass.
+The first ``accumulate_minibatches - 1`` losses of a group are backpropagated as Metta does
+(``loss.backward()`` adds into ``.grad``); the group's last loss goes through
+``compute_gradients``, and the gradients accumulated before it are added to its result
+(``g_last + (g_0 + ... )``, the same floating-point sum as backpropagating into ``.grad``).
 
 With several learners (``num_learners > 1``, DDP over gloo/nccl) every learner runs the same
 number of minibatches (fixed by the config, not by its shard), so the collective calls line up:
@@ -21,11 +31,14 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.core.learner.training_data import TrainingData
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.utils.annotations import override
+from ray.rllib.utils.metrics import DIFF_NUM_GRAD_UPDATES_VS_SAMPLER_POLICY, WEIGHTS_SEQ_NO
 from ray.rllib.utils.typing import ModuleID
 
 from bridges.rllib.config import metta_settings
@@ -33,7 +46,7 @@ from bridges.rllib.layout import LAYOUT_COLUMNS, MettaColumns, MettaLayoutConnec
 from bridges.rllib.loss import metta_module_loss, rllib_stats
 from metta_core.config import ADAM_EPS
 from metta_core.errors import MettaError
-from metta_core.phase import MinibatchSchedule, PhaseSizes, PhaseStats, clip_and_step, run_phase
+from metta_core.phase import MinibatchSchedule, PhaseSizes, PhaseStats, run_phase
 from metta_core.ppo_math import PPOTerms
 
 METTA_STATE_KEY = "metta_loss"
@@ -57,7 +70,8 @@ class MettaPPOLearner(TorchLearner):
 
     Metrics (per module, means over the phase's minibatches, SPEC §4.7): ``policy_loss``,
     ``vf_loss``, ``entropy`` (RLlib's keys), ``approx_kl``, ``clipfrac``, ``importance``,
-    ``current_logprobs``, ``explained_variance``, ``anneal_beta``.
+    ``current_logprobs``, ``explained_variance``, ``anneal_beta``; RLlib's ``vf_explained_var``,
+    ``gradients_default_optimizer_global_norm`` and ``diff_num_grad_updates_vs_sampler_policy``.
     State (``get_state``/``set_state``, thus ``save_to_path``/``restore_from_path``): besides
     RLlib's module and optimizer state, ``anneal_beta``, the trainer ``epoch`` (phases run) and
     the sampling generator.
@@ -143,6 +157,7 @@ class MettaPPOLearner(TorchLearner):
         if training_data.data_iterators:
             raise MettaError("MettaPPOLearner: data_iterators (offline RL) are not supported; pass episodes or a batch")
         self._weights_seq_no += 1
+        self._log_off_policyness(training_data.episodes or [])
         ma_batch = self._make_batch_if_necessary(training_data=training_data)
         for module_id in self.module.keys():
             if not self.should_module_be_updated(module_id, ma_batch):
@@ -158,6 +173,24 @@ class MettaPPOLearner(TorchLearner):
         self.after_gradient_based_update(timesteps=timesteps or {})
         if not _no_metrics_reduce:
             return self.metrics.reduce()
+
+    def _log_off_policyness(self, episodes: list) -> None:
+        """RLlib's ``diff_num_grad_updates_vs_sampler_policy`` per module: the mean over the sampled
+        steps of (this update's weights version - the version the env runner sampled with), from the
+        episodes' ``WEIGHTS_SEQ_NO`` (RLlib computes it from the batch column, which the Metta layout
+        does not carry). Episodes without it (built by hand) are skipped."""
+        versions: Dict[ModuleID, list] = defaultdict(list)
+        for episode in ConnectorV2.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
+            try:
+                seq = episode.get_extra_model_outputs(WEIGHTS_SEQ_NO)
+            except KeyError:
+                continue
+            versions[episode.module_id or DEFAULT_MODULE_ID].append(np.asarray(seq, dtype=np.float64).reshape(-1))
+        for module_id, seqs in versions.items():
+            steps = np.concatenate(seqs)
+            if steps.size:
+                lag = float(self._weights_seq_no - steps.mean())
+                self.metrics.log_value((module_id, DIFF_NUM_GRAD_UPDATES_VS_SAMPLER_POLICY), lag, window=1)
 
     def _train_phase(self, module_id: ModuleID, batch: Dict[str, torch.Tensor]) -> None:
         """SPEC §4 for one module on its ``[segments, horizon]`` batch, driven by ``metta_core.phase``."""
@@ -180,9 +213,19 @@ class MettaPPOLearner(TorchLearner):
         stats.clear()
         optimizers = [opt for _, opt in self.get_optimizers_for_module(module_id)]
         last_loss = torch.zeros(())
+        accumulate = sizes.accumulate_minibatches
+        if accumulate > 1 and self._grad_scalers is not None:
+            raise MettaError(
+                f"MettaPPOLearner: accumulate_minibatches is {accumulate} with a torch grad scaler "
+                f"(config.learners(_torch_grad_scaler_class=...)); the accumulated gradients would be unscaled. "
+                f"Use max_minibatch_size >= minibatch_size or no grad scaler"
+            )
+        group_end_loss: list[torch.Tensor] = []  # the loss compute_gradients backpropagates
+        ends_group = False
 
         def minibatch(_epoch: int, mb_idx: int) -> tuple[torch.Tensor, bool]:
-            nonlocal last_loss
+            nonlocal last_loss, ends_group
+            ends_group = (mb_idx + 1) % accumulate == 0
             stop = stats.target_kl_reached(mb_idx, ppo.target_kl)  # collective with several learners
             if mb_idx == 0:  # the connector's A0 (the buffer does not change during the phase)
                 schedule.start_epoch(rows[Columns.ADVANTAGES], self._metta_epoch)
@@ -197,10 +240,16 @@ class MettaPPOLearner(TorchLearner):
             for opt in optimizers:
                 opt.zero_grad()
 
-        run_phase(
-            sizes, minibatch, zero_grad=zero_grad,
-            step=clip_and_step(self.get_parameters(self.module[module_id]), optimizers, ppo.max_grad_norm),
-        )
+        def backward(loss: torch.Tensor) -> None:
+            if ends_group:
+                group_end_loss.append(loss)
+            else:
+                loss.backward()
+
+        def step() -> None:
+            self._gradient_step(module_id, group_end_loss.pop() if group_end_loss else None)
+
+        run_phase(sizes, minibatch, zero_grad=zero_grad, backward=backward, step=step)
         self._metta_beta = schedule.beta
         mask = batch[Columns.LOSS_MASK]
         # explained variance over the valid slots of the whole buffer (SPEC §4, end of phase)
@@ -210,6 +259,36 @@ class MettaPPOLearner(TorchLearner):
             stats.values["explained_variance"] = [0.0]
         self.metrics.log_dict(rllib_stats({**stats.means(), "anneal_beta": self._metta_beta}), key=module_id, window=1)
         self.metrics.log_value((module_id, self.TOTAL_LOSS_KEY), float(last_loss.detach()), window=1)
+
+    def _gradient_step(self, module_id: ModuleID, loss: Optional[torch.Tensor]) -> None:
+        """One optimizer step of ``module_id`` through RLlib's gradient path; ``loss`` is the last loss of
+        the accumulation group (``None`` if it needs no gradient), the earlier ones are in ``.grad``."""
+        params = self.get_parameters(self.module[module_id])
+        accumulated = {self.get_param_ref(p): p.grad.clone() for p in params if p.grad is not None}
+        grads = dict(self.compute_gradients({module_id: loss})) if loss is not None else {}
+        for ref, grad in accumulated.items():
+            grads[ref] = grad if grads.get(ref) is None else grads[ref].add_(grad)
+        grads = {ref: grad for ref, grad in grads.items() if grad is not None}
+        self.apply_gradients(self.postprocess_gradients(grads))
+
+    @override(TorchLearner)
+    def postprocess_gradients_for_module(self, *, module_id: ModuleID, config=None, module_gradients_dict):
+        """Metta's clip (SPEC §4.8): ``clip_grad_norm_(module params, max_grad_norm)`` on the given gradients.
+
+        Logs RLlib's ``gradients_<optimizer>_global_norm`` (the global norm before clipping), as
+        RLlib's ``grad_clip_by="global_norm"`` does. ``config.grad_clip`` equals ``max_grad_norm``
+        and ``grad_clip_by`` is ``"global_norm"`` (``metta_settings`` refuses anything else).
+        """
+        params = [
+            p for p in self.get_parameters(self.module[module_id])
+            if p.requires_grad and self.get_param_ref(p) in module_gradients_dict
+        ]
+        for p in params:
+            p.grad = module_gradients_dict[self.get_param_ref(p)]
+        norm = torch.nn.utils.clip_grad_norm_(params, self._metta_ppo.max_grad_norm)
+        for name, _ in self.get_optimizers_for_module(module_id):
+            self.metrics.log_value((module_id, f"gradients_{name}_global_norm"), norm.detach(), window=1)
+        return {**module_gradients_dict, **{self.get_param_ref(p): p.grad for p in params}}
 
     @override(TorchLearner)
     def get_state(self, components=None, *, not_components=None, **kwargs):

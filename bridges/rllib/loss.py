@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 import torch
+from ray.rllib.algorithms.ppo.ppo import LEARNER_RESULTS_VF_EXPLAINED_VAR_KEY
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.learner import ENTROPY_KEY, POLICY_LOSS_KEY, VF_LOSS_KEY
 from ray.rllib.core.rl_module.apis.self_supervised_loss_api import SelfSupervisedLossAPI
@@ -25,10 +26,32 @@ from metta_core.ppo_math import PPOTerms, ppo_minibatch_loss
 RLLIB_STAT_KEYS = {"policy_loss": POLICY_LOSS_KEY, "value_loss": VF_LOSS_KEY, "entropy": ENTROPY_KEY}
 """Metta's tracked stat name -> RLlib's metric key, where RLlib has one; others keep Metta's name."""
 
+RLLIB_ALIASES = {"explained_variance": LEARNER_RESULTS_VF_EXPLAINED_VAR_KEY}
+"""Metta stats also logged under the name RLlib's PPO uses (``vf_explained_var``), for dashboards
+and Tune stoppers that read it; the Metta name stays."""
+
 
 def rllib_stats(stats: Dict[str, float]) -> Dict[str, float]:
-    """Rename Metta's tracked stats to RLlib's metric keys (``policy_loss``, ``vf_loss``, ``entropy``)."""
-    return {RLLIB_STAT_KEYS.get(k, k): v for k, v in stats.items()}
+    """Rename Metta's tracked stats to RLlib's metric keys (``policy_loss``, ``vf_loss``, ``entropy``)
+    and add RLlib's name of ``explained_variance`` (``vf_explained_var``) next to Metta's."""
+    out = {RLLIB_STAT_KEYS.get(k, k): v for k, v in stats.items()}
+    out.update({RLLIB_ALIASES[k]: v for k, v in stats.items() if k in RLLIB_ALIASES})
+    return out
+
+
+def check_action_shape(dist, actions: torch.Tensor) -> None:
+    """Refuse actions whose shape is not the distribution's sample shape (e.g. continuous actions
+    ``[n]`` for a ``[n, 1]`` Box: ``logp`` would broadcast to ``[n, n]`` and sum silently)."""
+    torch_dist = getattr(dist, "_dist", None)
+    if not isinstance(torch_dist, torch.distributions.Distribution):
+        return
+    expected = tuple(torch_dist.batch_shape + torch_dist.event_shape)
+    if tuple(actions.shape) != expected:
+        raise MettaError(
+            f"Metta PPO loss: column {Columns.ACTIONS!r} has shape {tuple(actions.shape)}, expected {expected} "
+            f"(one action of the module's action space per slot, as {type(dist).__name__} samples it); "
+            f"reshape it, e.g. actions.reshape({', '.join(str(d) for d in expected)})"
+        )
 
 
 def metta_loss_terms(
@@ -57,6 +80,7 @@ def metta_loss_terms(
         )
     rows = (-1, horizon)
     dist = module.get_train_action_dist_cls().from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])
+    check_action_shape(dist, batch[Columns.ACTIONS])
     new_logprob = dist.logp(batch[Columns.ACTIONS]).reshape(rows)
     entropy = dist.entropy().reshape(rows)
     new_values = module.compute_values(batch, embeddings=fwd_out.get(Columns.EMBEDDINGS)).reshape(rows)

@@ -1,7 +1,8 @@
 """``metta-bridges train --framework rllib``: Metta's PPO on RLlib (and, optionally, RLlib's own PPO).
 
-Ray starts locally with the machine's CPUs unless ``args.address`` names a cluster;
-``num_learners`` / ``num_env_runners`` scale out (learners use DDP over gloo on CPU).
+Ray starts privately on this machine unless ``settings.address`` names a cluster
+(``bridges.rllib.cluster``); ``settings.num_learners`` / ``settings.num_env_runners`` scale out
+(learners use DDP over gloo on CPU). ``settings`` is an ``RLlibSettings`` (the CLI's rllib flags).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from ray.rllib.utils.metrics import (
     NUM_ENV_STEPS_SAMPLED_LIFETIME,
 )
 
+from bridges.rllib.cluster import join_ray
 from bridges.rllib.config import metta_ppo_config
 from bridges.rllib.module import OrthogonalInitPPOModule
+from bridges.rllib.settings import RLlibSettings
 from metta_core.errors import MettaError
 from metta_core.run import ReturnTracker, TrainArgs, drive
 
@@ -60,17 +63,19 @@ class EpisodeReturns(RLlibCallback):
         metrics_logger.log_value(EPISODE_RETURNS_KEY, total, reduce="item_series")
 
 
-def _rllib_settings(config, args: TrainArgs):
+def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
     """Settings shared by the Metta and the native run: env runners, learners, lr, network, seed."""
-    runners = max(1, args.num_env_runners)
+    settings = settings or RLlibSettings()
+    runners = max(1, settings.num_env_runners)
     return (
         config.environment(args.env)
         .env_runners(
-            num_env_runners=args.num_env_runners,
+            num_env_runners=settings.num_env_runners,
             num_envs_per_env_runner=max(1, args.num_envs // runners),
             rollout_fragment_length="auto",
         )
-        .learners(num_learners=args.num_learners)
+        .fault_tolerance(restart_failed_env_runners=settings.restart_failed_env_runners)
+        .learners(num_learners=settings.num_learners)
         .training(lr=args.learning_rate)
         .rl_module(
             rl_module_spec=RLModuleSpec(module_class=OrthogonalInitPPOModule),
@@ -86,7 +91,7 @@ def _rllib_settings(config, args: TrainArgs):
     )
 
 
-def build_config(args: TrainArgs):
+def build_config(args: TrainArgs, settings: RLlibSettings | None = None):
     """The Metta-PPO ``PPOConfig`` for ``args`` (Metta's PPO settings plus ``args.ppo`` overrides)."""
     metta = metta_ppo_config(
         batch_size=args.batch_size,
@@ -97,10 +102,10 @@ def build_config(args: TrainArgs):
         total_timesteps=args.total_timesteps,
         **args.ppo,
     )
-    return _rllib_settings(metta, args)
+    return _rllib_settings(metta, args, settings)
 
 
-def build_native_config(args: TrainArgs):
+def build_native_config(args: TrainArgs, settings: RLlibSettings | None = None):
     """RLlib's own PPO with the same sizes, lr, network and the overlapping Metta coefficients."""
     ppo = args.ppo_config()
     native = RLlibPPOConfig().training(
@@ -115,7 +120,7 @@ def build_native_config(args: TrainArgs):
         grad_clip=ppo.max_grad_norm,
         use_kl_loss=False,
     )
-    return _rllib_settings(native, args)
+    return _rllib_settings(native, args, settings)
 
 
 RETURNS_FILE = "metta_returns.json"
@@ -168,23 +173,20 @@ class RLlibRun:
         self.algo.stop()
 
 
-def train(args: TrainArgs) -> dict[str, Any]:
+def train(args: TrainArgs, settings: RLlibSettings | None = None) -> dict[str, Any]:
     """Train ``args.env`` with Metta's PPO on RLlib; returns a summary (steps, mean return, steps to target).
 
-    With ``args.compare_native`` RLlib's own PPO runs afterwards with the same settings; its summary
-    is under ``"native"`` and its metrics in ``out_dir/native``.
+    Ray: ``settings.address`` (``bridges.rllib.cluster.join_ray``). With ``args.compare_native``
+    RLlib's own PPO runs afterwards with the same settings; its summary is under ``"native"`` and
+    its metrics in ``out_dir/native``.
     """
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        if args.address:
-            ray.init(address=args.address)
-        else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    settings = settings or RLlibSettings()
+    started_ray = join_ray(settings.address)
     try:
-        run = RLlibRun(build_config(args), args, resume=args.resume)
+        run = RLlibRun(build_config(args, settings), args, resume=args.resume)
         summary = drive(run, args, "rllib", checkpoint=args.save_checkpoint, resumed=args.resume is not None)
         if args.compare_native:
-            native = RLlibRun(build_native_config(args), args)
+            native = RLlibRun(build_native_config(args, settings), args)
             summary["native"] = drive(native, args, "rllib-native", out_dir=args.out_dir / "native")
     finally:
         if started_ray:

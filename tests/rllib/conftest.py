@@ -35,14 +35,16 @@ def build(config):
     return config.build_learner(env=gym.make("CartPole-v1"))
 
 
-def layout_batch(learner, seed: int = 0, segments: int = SEGMENTS) -> dict[str, torch.Tensor]:
+def layout_batch(
+    learner, seed: int = 0, segments: int = SEGMENTS, module_id: str = DEFAULT_MODULE_ID
+) -> dict[str, torch.Tensor]:
     """Metta-layout data ``[segments * HORIZON]`` flat: random obs/actions/rewards/values, terminals,
     left padding in row 0, stored log-probs near the module's (ratio != 1), and ``A0`` from the core."""
     g = torch.Generator().manual_seed(seed)
     n = segments * HORIZON
     obs = torch.randn(n, OBS_DIM, generator=g)
     actions = torch.randint(0, 2, (n,), generator=g)
-    module = learner.module[DEFAULT_MODULE_ID].unwrapped()
+    module = learner.module[module_id].unwrapped()
     with torch.no_grad():
         logits = module.forward_train({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
         logp = module.get_train_action_dist_cls().from_logits(logits).logp(actions)
