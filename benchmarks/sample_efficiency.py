@@ -56,9 +56,10 @@ def run_one(learner: str, seed: int, budget: int, out_dir: Path) -> dict:
         return drive(TorchRLRun(args, native=native), args, learner)
     import ray
 
+    from bridges.rllib.cluster import init_private_ray
     from bridges.rllib.train import RLlibRun, build_config, build_native_config
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    init_private_ray(num_cpus=2, include_dashboard=False)
     try:
         config = build_native_config(args) if native else build_config(args)
         return drive(RLlibRun(config, args), args, learner)

@@ -134,7 +134,9 @@ def main(argv=None) -> dict:
     if "rllib" in args.frameworks:
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        from bridges.rllib.cluster import init_private_ray
+
+        init_private_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             measured.update(run_framework("rllib", args.iterations, args.repeats))
         finally:

@@ -29,6 +29,26 @@ AUTH_HELP = (
 )
 
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch (read into ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``) that, when ``0``,
+makes every Ray process register the node under 127.0.0.1 instead of the machine's interface address."""
+
+
+def init_private_ray(**kwargs) -> None:
+    """``ray.init(address="local", **kwargs)`` on loopback only (default: all CPUs, no dashboard).
+
+    On Linux Ray registers even a private local node under the machine's interface address and
+    listens there. A private Ray has no other node to reach, so it is kept on 127.0.0.1: Ray's own
+    switch for single-machine platforms, set for this process (Ray read it when it was imported)
+    and for the processes Ray starts (they inherit the environment).
+    """
+    from ray._private import ray_constants
+
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", **{"num_cpus": os.cpu_count(), "include_dashboard": False, **kwargs})
+
+
 def use_token_if_available() -> bool:
     """Ray's rule for ``address="auto"`` and ``ray start --head``, for an explicit address: if
     ``RAY_AUTH_MODE`` is unset and a token exists, turn token mode on; returns whether it is on."""
@@ -40,15 +60,15 @@ def use_token_if_available() -> bool:
 def join_ray(address: str | None, **local_kwargs) -> bool:
     """Start Ray for a run; returns ``True`` if this call started or joined it (the caller then shuts it down).
 
-    ``address=None``: a private local Ray (``local_kwargs`` go to ``ray.init``; default: all CPUs,
-    no dashboard). ``"auto"``: Ray's own lookup (``RAY_ADDRESS``, then the machine's current
+    ``address=None``: a private local Ray on loopback (``init_private_ray``; ``local_kwargs`` go to
+    ``ray.init``). ``"auto"``: Ray's own lookup (``RAY_ADDRESS``, then the machine's current
     cluster). ``"HOST:PORT"``: exactly that cluster, with its token if one is available. An already
     initialized Ray is used as it is (``False``).
     """
     if ray.is_initialized():
         return False
     if address is None:
-        ray.init(address="local", **{"num_cpus": os.cpu_count(), "include_dashboard": False, **local_kwargs})
+        init_private_ray(**local_kwargs)
         return True
     if address != "auto":
         use_token_if_available()

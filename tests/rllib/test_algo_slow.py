@@ -10,6 +10,7 @@ import ray
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.utils.metrics import LEARNER_RESULTS
 
+from bridges.rllib.cluster import init_private_ray
 from bridges.rllib import metta_ppo_config
 
 METTA_KEYS = {
@@ -20,7 +21,7 @@ METTA_KEYS = {
 
 @pytest.fixture
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_private_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

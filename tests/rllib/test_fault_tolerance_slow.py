@@ -17,6 +17,7 @@ import pytest
 import ray
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 
+from bridges.rllib.cluster import init_private_ray
 from bridges.rllib.settings import RLlibSettings
 from bridges.rllib.train import build_config
 from metta_core.run import TrainArgs
@@ -29,7 +30,7 @@ def test_a_killed_env_runner_is_restarted_and_training_continues(tmp_path):
                      update_epochs=1, hidden_size=8, total_timesteps=100_000, out_dir=Path(tmp_path))
     config = build_config(args, RLlibSettings(num_env_runners=2, restart_failed_env_runners=True))
     config.env_runners(num_cpus_per_env_runner=0.5).learners(num_cpus_per_learner=0)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_private_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     algo = config.build_algo()
     try:
         group = algo.env_runner_group

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import ray
 
+from bridges.rllib.cluster import init_private_ray
 from bridges.rllib.train import RLlibRun, build_config
 from metta_core.run import TrainArgs
 
@@ -15,7 +16,7 @@ def test_resumed_run_counts_steps_from_the_checkpoint(tmp_path):
     used to divide all steps since the start of training by one iteration's time)."""
     args = TrainArgs(framework="rllib", batch_size=512, bptt_horizon=32, minibatch_size=256, update_epochs=1,
                      progress=False, target_return=None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_private_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         run = RLlibRun(build_config(args), args)
         try:

@@ -19,6 +19,8 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.utils.metrics import LEARNER_RESULTS
 from ray.rllib.utils.test_utils import check
 
+from bridges.rllib.cluster import init_private_ray
+
 COMPARED = ("policy_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "explained_variance", "vf_explained_var",
             "anneal_beta", "gradients_default_optimizer_global_norm")
 
@@ -62,7 +64,7 @@ def load_and_train(tmpdir: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_save_and_restore():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    init_private_ray(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmpdir:
             ray.get(save_and_train.remote(tmpdir))

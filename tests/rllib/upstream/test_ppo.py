@@ -22,6 +22,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import LEARNER_RESULTS
 from ray.rllib.utils.test_utils import check, check_train_results_new_api_stack
 
+from bridges.rllib.cluster import init_private_ray
 from bridges.rllib.module import OrthogonalInitPPOModule
 from metta_core.errors import MettaError
 from tests.rllib.upstream.common import ENV, tiny_config
@@ -29,7 +30,7 @@ from tests.rllib.upstream.common import ENV, tiny_config
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    init_private_ray(num_cpus=1, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
