@@ -2,8 +2,8 @@
 
 Nothing here imports ``metta_core`` or a bridge: the expected values stored in the case files
 must not come from the code they check. The policy is evaluated from its weights by a small
-functional forward (the architecture documented in ``tests/conformance/README.md``), the
-advantage is a per-element float32 loop, and the training phase is written out step by step.
+functional forward (the architecture documented in ``golden/README.md``), the advantage is a
+per-element float32 loop, and the training phase is written out step by step.
 Settings are the plain dicts of a case file (``ppo``, ``trainer``, ``optimizer``, ``policy``).
 
 Conventions (SPEC §1): every data array is ``[segments, horizon]`` (plus feature dims);
