@@ -98,14 +98,16 @@ def policy_forward(params: Mapping[str, Tensor], policy: Mapping[str, Any], obs:
 
 # -- SPEC §2, §3 -------------------------------------------------------------------------------
 
-def advantage(values, rewards, dones, ratio, gamma: float, gae_lambda: float, rho_clip: float, c_clip: float) -> np.ndarray:
-    """SPEC §2 one element at a time in float32; ``A[:, -1] = 0``."""
-    v, r, d, w = (np.asarray(x, dtype=np.float32) for x in (values, rewards, dones, ratio))
-    g, lam, rho_max, c_max = (np.float32(x) for x in (gamma, gae_lambda, rho_clip, c_clip))
+def advantage(values, rewards, dones, ratio, gamma: float, gae_lambda: float, rho_clip: float, c_clip: float,
+              dtype: type = np.float32) -> np.ndarray:
+    """SPEC §2 one element at a time in ``dtype`` (float32, as the SPEC; float64 for the tests of the
+    torch scan in float64); ``A[:, -1] = 0``."""
+    v, r, d, w = (np.asarray(x, dtype=dtype) for x in (values, rewards, dones, ratio))
+    g, lam, rho_max, c_max = (dtype(x) for x in (gamma, gae_lambda, rho_clip, c_clip))
     out = np.zeros_like(v)
-    one = np.float32(1.0)
+    one = dtype(1.0)
     for s in range(v.shape[0]):
-        following = np.float32(0.0)
+        following = dtype(0.0)
         for t in range(v.shape[1] - 2, -1, -1):
             not_terminal = one - d[s, t + 1]
             rho = min(w[s, t], rho_max)
