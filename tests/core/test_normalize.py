@@ -34,6 +34,11 @@ def test_disabled_is_identity():
     assert normalize_advantage(adv, enabled=False) is adv
 
 
+def test_flags_are_keyword_only():
+    with pytest.raises(TypeError, match="positional argument"):
+        normalize_advantage(torch.randn(3, 4), False)
+
+
 @DEVICES
 @DTYPES
 def test_mask_uses_valid_elements_only_and_zeroes_the_rest(device, dtype):
