@@ -447,7 +447,7 @@ def _expected(config: Mapping[str, Any], arrays: dict[str, np.ndarray]) -> dict[
     try:
         step = reference.one_step(config, data, weights, idx, prio_w)
         stats, params, counts = reference.training_phase(config, data, weights)
-    except reference.ReferenceError as exc:
+    except reference.SpecInputError as exc:
         return {"error": exc.match}
     for group, values in (("grads", step.grads), ("params_after_step", step.params_after_step),
                           ("params_after_phase", params)):

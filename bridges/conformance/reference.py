@@ -32,8 +32,8 @@ SINGLE_ELEMENT_NORM_ERROR = "at least 2 elements"
 """Substring of the error every implementation raises for ``norm_adv`` over one element."""
 
 
-class ReferenceError(ValueError):
-    """The SPEC cannot be evaluated on these inputs.
+class SpecInputError(ValueError):
+    """The SPEC cannot be evaluated on these inputs (e.g. ``norm_adv`` over one element).
 
     ``match`` is the part of the message every conforming implementation's error contains; it
     is stored as the case's ``expected.error``.
@@ -121,7 +121,7 @@ def advantage(values, rewards, dones, ratio, gamma: float, gae_lambda: float, rh
 def normalize(adv: Tensor) -> Tensor:
     """SPEC §3, single process: ``(A - mean) / (std + 1e-8)`` with Bessel's correction."""
     if adv.numel() < 2:
-        raise ReferenceError(SINGLE_ELEMENT_NORM_ERROR, f"norm_adv over a minibatch of {adv.numel()} element(s)")
+        raise SpecInputError(SINGLE_ELEMENT_NORM_ERROR, f"norm_adv over a minibatch of {adv.numel()} element(s)")
     return (adv - adv.mean()) / (adv.std() + 1e-8)
 
 
@@ -219,7 +219,7 @@ def _leaves(weights: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
 
 def _optimizer(spec: Mapping[str, Any], params: list[Tensor]) -> torch.optim.Optimizer:
     if spec["name"] != "adam":
-        raise ReferenceError("optimizer", f"{spec['name']!r} is not supported; use 'adam'")
+        raise SpecInputError("optimizer", f"{spec['name']!r} is not supported; use 'adam'")
     return torch.optim.Adam(params, lr=spec["lr"], betas=tuple(spec["betas"]), eps=spec["eps"])
 
 
