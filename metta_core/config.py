@@ -7,12 +7,11 @@ Every config is a pydantic model that forbids unknown fields, so a typo such as
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from metta_core.errors import MettaError
+from metta_core.errors import MettaError, require_positive_ints
 
 
 ADAM_EPS = 1e-12
@@ -154,11 +153,8 @@ def buffer_sizes(
     ``accumulate_minibatches`` uses the requested ``minibatch_size`` (before the cap), as Metta's
     ``Experience`` does.
     """
-    named = {"batch_size": batch_size, "bptt_horizon": bptt_horizon, "minibatch_size": minibatch_size,
-             "max_minibatch_size": max_minibatch_size}
-    for name, value in named.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise MettaError(f"{name} must be a positive integer, got {value!r}; sizes are counts of env steps")
+    require_positive_ints("buffer_sizes", batch_size=batch_size, bptt_horizon=bptt_horizon,
+                          minibatch_size=minibatch_size, max_minibatch_size=max_minibatch_size)
     segments = batch_size // bptt_horizon
     if segments < 1:
         raise MettaError(
