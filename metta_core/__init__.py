@@ -1,7 +1,9 @@
 """metta_core: Metta's PPO semantics, framework-neutral (imports neither Ray nor TorchRL).
 
 - ``advantage``: ``compute_advantage`` (V-trace-clipped GAE, SPEC §2), ``normalize_advantage`` (§3)
-- ``ppo_math``: ``anneal_beta``, ``prioritized_sample``, ``ppo_minibatch_loss`` (§4): the pure math, imported from here only
+- ``ppo_math``: ``anneal_beta``, ``prioritized_sample``, ``ppo_minibatch_loss`` (§4) and its pieces
+  (``importance_ratio``, ``clipped_surrogate_pg_loss``, ``clipped_value_loss``, ``entropy_loss``,
+  ``approx_kl``, ``clip_fraction``): the pure math, imported from here only
 - ``config``: ``PPOConfig``, ``VTraceConfig``, ``PrioritizedExperienceReplayConfig``, ``TrainerConfig``
 - ``loss``, ``ppo``, ``experience``, ``loop``: the ``Loss`` lifecycle, ``PPO``, ``Experience``,
   ``CoreTrainingLoop`` (§5)

@@ -2,8 +2,9 @@
 
 Index convention (SPEC §1): tensors are ``[segments, horizon]``; ``rewards[:, t]`` and
 ``dones[:, t]`` belong to the transition that *led into* observation ``t``, so the reward that
-followed the action at ``t`` is ``rewards[:, t+1]``. Column 0 of ``rewards`` and ``dones`` is
-never read, and the last column of the advantage is 0.
+followed the action at ``t`` is ``rewards[:, t+1]``: Sutton and Barto's ``r_{t+1}`` (the reward
+that followed ``a_t``), which RLlib and TorchRL store at index ``t``. Column 0 of ``rewards`` and
+``dones`` is never read, and the last column of the advantage is 0.
 """
 
 from __future__ import annotations
@@ -93,8 +94,10 @@ def compute_advantage(
 ) -> Tensor:
     """V-trace-clipped GAE ("puff advantage", SPEC §2); returns a new tensor, never tracks grad.
 
-    All inputs are ``[segments, horizon]``; ``w`` is ``importance_sampling_ratio``. With
-    ``A[:, horizon-1] = 0`` and for ``t = horizon-2 … 0``::
+    All inputs are ``[segments, horizon]``, column ``t`` for times [0, horizon-1]: ``values[:, t]``
+    is V(o_t), ``w`` (``importance_sampling_ratio``) the ratio of a_t, and ``rewards[:, t+1]`` /
+    ``dones[:, t+1]`` are Sutton and Barto's ``r_{t+1}`` and terminal flag of the step after a_t
+    (times [1, horizon-1] are read). With ``A[:, horizon-1] = 0`` and for ``t = horizon-2 … 0``::
 
         nnt   = 1 - dones[t+1]
         rho   = min(w[t], rho_clip);   c = min(w[t], c_clip)
@@ -130,8 +133,8 @@ def compute_advantage(
 
 def normalize_advantage(
     adv: Tensor,
-    enabled: bool = True,
     *,
+    enabled: bool = True,
     mask: Tensor | None = None,
     group: "torch.distributed.ProcessGroup | None" = None,
 ) -> Tensor:

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from metta_core.errors import MettaError
+from metta_core.errors import MettaError, require_positive_ints
 
 
 ADAM_EPS = 1e-12
@@ -136,7 +136,7 @@ class TrainerConfig(Config):
 
     @model_validator(mode="after")
     def _check_sizes(self) -> "TrainerConfig":
-        self.sizes  # raises ValueError naming the numbers when they do not divide
+        self.sizes  # raises MettaError (a ValueError: pydantic reports it) naming the numbers when they do not divide
         return self
 
     @property
@@ -148,27 +148,29 @@ class TrainerConfig(Config):
 def buffer_sizes(
     batch_size: int, bptt_horizon: int, minibatch_size: int, max_minibatch_size: int
 ) -> dict[str, int]:
-    """Metta's buffer arithmetic (SPEC §4); raises ``ValueError`` naming the numbers and the fix.
+    """Metta's buffer arithmetic (SPEC §4); raises ``MettaError`` naming the numbers and the fix.
 
     ``accumulate_minibatches`` uses the requested ``minibatch_size`` (before the cap), as Metta's
     ``Experience`` does.
     """
+    require_positive_ints("buffer_sizes", batch_size=batch_size, bptt_horizon=bptt_horizon,
+                          minibatch_size=minibatch_size, max_minibatch_size=max_minibatch_size)
     segments = batch_size // bptt_horizon
     if segments < 1:
-        raise ValueError(
+        raise MettaError(
             f"batch_size ({batch_size}) is smaller than bptt_horizon ({bptt_horizon}); "
             f"set batch_size to a multiple of bptt_horizon"
         )
     effective = min(minibatch_size, max_minibatch_size)
     if effective % bptt_horizon:
-        raise ValueError(
+        raise MettaError(
             f"minibatch_size ({effective}) must be divisible by bptt_horizon ({bptt_horizon}): "
             f"minibatch_segments = {effective}/{bptt_horizon} = {effective / bptt_horizon:g} is not whole; "
             f"use a minibatch_size that is a multiple of {bptt_horizon}"
         )
     mb_segments = effective // bptt_horizon
     if segments % mb_segments:
-        raise ValueError(
+        raise MettaError(
             f"segments ({segments} = batch_size {batch_size} // bptt_horizon {bptt_horizon}) must be "
             f"divisible by minibatch_segments ({mb_segments}): num_minibatches = {segments / mb_segments:g} "
             f"is not whole; make batch_size a multiple of minibatch_size ({effective})"

@@ -21,6 +21,7 @@ from metta_core.config import LossSchedule
 from metta_core.errors import MettaError
 from metta_core.experience import Experience, ExperienceSpec
 from metta_core.phase import PhaseStats
+from metta_core.policy import Policy
 
 
 class Loss:
@@ -34,7 +35,7 @@ class Loss:
 
     def __init__(
         self,
-        policy: Any,
+        policy: Policy,
         trainer_cfg: Any,
         env: Any,
         device: torch.device | str,

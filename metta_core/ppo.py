@@ -19,6 +19,7 @@ from metta_core.errors import MettaError
 from metta_core.experience import Experience, ExperienceSpec, FieldSpec
 from metta_core.loss import Loss
 from metta_core.phase import MinibatchSchedule
+from metta_core.policy import Policy
 from metta_core.ppo_math import ppo_minibatch_loss
 
 __all__ = ["PPO", "action_field"]
@@ -44,7 +45,7 @@ class PPO(Loss):
 
     def __init__(
         self,
-        policy: Any,
+        policy: Policy,
         trainer_cfg: TrainerConfig,
         env: Any,
         device: torch.device | str,

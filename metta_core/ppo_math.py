@@ -7,6 +7,7 @@ Minibatch tensors are ``[mb, horizon]`` rows in Metta's layout (SPEC §1).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -102,6 +103,107 @@ class PPOTerms:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+Mean = Callable[[Tensor], Tensor]
+"""How a piece averages its per-element terms: ``torch.mean``, or a masked mean (``ppo_minibatch_loss``)."""
+
+
+def _same_shape(piece: str, **named: Tensor) -> None:
+    (first, reference), *rest = named.items()
+    for name, x in rest:
+        if x.shape != reference.shape:
+            raise MettaError(
+                f"{piece}: {name} has shape {tuple(x.shape)} but {first} has {tuple(reference.shape)}; "
+                f"every argument is one value per (segment, t)"
+            )
+
+
+# -- the pieces of one minibatch's loss (rlax style) ---------------------------------------------
+# Every argument is one value per element of the [mb, horizon] rows: the element at column t
+# belongs to observation o_t and the action a_t taken there, for t in [0, horizon-1]. The rewards
+# enter only through the advantages and returns (SPEC §2).
+
+def importance_ratio(new_logprob_t: Tensor, old_logprob_t: Tensor) -> Tensor:
+    """``rho_t = exp(clamp(new_logprob_t - old_logprob_t, -10, 10))`` (SPEC §4.5), elementwise.
+
+    ``new_logprob_t``: log pi(a_t | o_t) under the policy being trained, times [0, horizon-1];
+    ``old_logprob_t``: log mu(a_t | o_t) stored at rollout (the behaviour policy), same times.
+    The clamp bounds the ratio to [e^-10, e^10]; ``approx_kl`` uses the unclamped log-ratio.
+    """
+    _same_shape("importance_ratio", new_logprob_t=new_logprob_t, old_logprob_t=old_logprob_t)
+    return (new_logprob_t - old_logprob_t).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+
+
+def clipped_surrogate_pg_loss(ratio_t: Tensor, adv_t: Tensor, *, clip_coef: float, mean: Mean = torch.mean) -> Tensor:
+    """PPO's clipped surrogate policy loss (SPEC §4.6; Schulman et al. 2017, eq. 7, negated)::
+
+        policy_loss = mean(max(-adv_t * ratio_t, -adv_t * clamp(ratio_t, 1 - clip_coef, 1 + clip_coef)))
+
+    ``ratio_t``: ``importance_ratio`` of a_t, times [0, horizon-1] (gradients flow through it);
+    ``adv_t``: advantage of a_t, times [0, horizon-1], already normalized and priority-weighted
+    (constant here: Metta computes it without grad).
+    """
+    _same_shape("clipped_surrogate_pg_loss", ratio_t=ratio_t, adv_t=adv_t)
+    unclipped = -adv_t * ratio_t
+    clipped = -adv_t * ratio_t.clamp(1.0 - clip_coef, 1.0 + clip_coef)
+    return mean(torch.max(unclipped, clipped))
+
+
+def clipped_value_loss(
+    new_v_t: Tensor,
+    v_t: Tensor,
+    returns_t: Tensor,
+    *,
+    vf_clip_coef: float,
+    clip_vloss: bool = True,
+    mean: Mean = torch.mean,
+) -> Tensor:
+    """Metta's critic loss, with the 1/2 factor (SPEC §4.6)::
+
+        v_clipped_t = v_t + clamp(new_v_t - v_t, -vf_clip_coef, vf_clip_coef)
+        clip_vloss:  0.5 * mean(max((new_v_t - returns_t)^2, (v_clipped_t - returns_t)^2))
+        otherwise:   0.5 * mean((new_v_t - returns_t)^2)
+
+    ``new_v_t``: V(o_t) under the critic being trained, times [0, horizon-1] (gradients flow);
+    ``v_t``: V(o_t) stored at rollout, same times; ``returns_t = A0_t + v_t`` with the first-pass
+    advantage ``A0`` (so the last column's return is ``v_t`` itself). The clip bounds the change
+    of the value, not the squared error.
+    """
+    _same_shape("clipped_value_loss", new_v_t=new_v_t, v_t=v_t, returns_t=returns_t)
+    unclipped = (new_v_t - returns_t) ** 2
+    if not clip_vloss:
+        return 0.5 * mean(unclipped)
+    v_clipped = v_t + (new_v_t - v_t).clamp(-vf_clip_coef, vf_clip_coef)
+    return 0.5 * mean(torch.max(unclipped, (v_clipped - returns_t) ** 2))
+
+
+def entropy_loss(entropy_t: Tensor, *, mean: Mean = torch.mean) -> Tensor:
+    """``-mean(entropy_t)``: minimizing it raises the policy's entropy (SPEC §4.6, rlax's sign).
+
+    ``entropy_t``: entropy of pi(. | o_t), times [0, horizon-1]. The loss adds
+    ``ent_coef * entropy_loss``; the tracked ``entropy`` stat is ``-entropy_loss``.
+    """
+    return -mean(entropy_t)
+
+
+@torch.no_grad()
+def approx_kl(new_logprob_t: Tensor, old_logprob_t: Tensor, ratio_t: Tensor, *, mean: Mean = torch.mean) -> Tensor:
+    """Schulman's k3 estimate of KL(mu || pi): ``mean((ratio_t - 1) - (new_logprob_t - old_logprob_t))`` (SPEC §4.6).
+
+    The log-ratio is not clamped (``ratio_t`` is); all three arguments at times [0, horizon-1].
+    A tracked stat: no gradient.
+    """
+    _same_shape("approx_kl", new_logprob_t=new_logprob_t, old_logprob_t=old_logprob_t, ratio_t=ratio_t)
+    return mean((ratio_t - 1) - (new_logprob_t - old_logprob_t))
+
+
+@torch.no_grad()
+def clip_fraction(ratio_t: Tensor, *, clip_coef: float, mean: Mean = torch.mean) -> Tensor:
+    """``mean(|ratio_t - 1| > clip_coef)`` as float (SPEC §4.6), ``ratio_t`` at times [0, horizon-1]; no gradient."""
+    return mean(((ratio_t - 1.0).abs() > clip_coef).float())
+
+
+# -- one minibatch -------------------------------------------------------------------------------
+
 def _check_minibatch(named: dict[str, Tensor], shape: torch.Size) -> None:
     for name, x in named.items():
         if not isinstance(x, Tensor):
@@ -133,23 +235,21 @@ def ppo_minibatch_loss(
     prio_weights: Tensor | None = None,
     mask: Tensor | None = None,
 ) -> PPOTerms:
-    """Metta's PPO loss for one minibatch of ``[mb, horizon]`` rows (SPEC §4.5-4.7).
+    """Metta's PPO loss for one minibatch of ``[mb, horizon]`` rows (SPEC §4.5-4.7), from the pieces above.
 
-    ``values`` are the values stored at rollout, ``advantages`` the first-pass advantages
-    ``A0`` of these rows (``returns = advantages + values``), ``prio_weights`` the ``[mb, 1]``
-    importance weights of the segment sampling (1 when ``None``)::
+    ``values`` are the values stored at rollout, ``rewards``/``dones`` the buffer's (Metta layout,
+    SPEC §1: ``rewards[:, t+1]`` followed the action at ``t``), ``advantages`` the first-pass
+    advantages ``A0`` of these rows (``returns = advantages + values``), ``prio_weights`` the
+    ``[mb, 1]`` importance weights of the segment sampling (1 when ``None``)::
 
-        ratio  = exp(clamp(new_logprob - old_logprob, -10, 10))
-        A      = prio_w * normalize(compute_advantage(values, rewards, dones, ratio))  # no grad
-        policy_loss = max(-A * ratio, -A * clamp(ratio, 1 - clip_coef, 1 + clip_coef)).mean()
-        value_loss  = 0.5 * max((new_v - R)^2, (v + clamp(new_v - v, -vf_clip, vf_clip) - R)^2).mean()
-                      (0.5 * ((new_v - R)^2).mean() without clip_vloss)
-        loss = policy_loss - ent_coef * entropy.mean() + vf_coef * value_loss
+        ratio = importance_ratio(new_logprob, old_logprob)
+        A     = prio_w * normalize_advantage(compute_advantage(values, rewards, dones, ratio))  # no grad
+        loss  = clipped_surrogate_pg_loss(ratio, A) + ent_coef * entropy_loss(entropy)
+                + vf_coef * clipped_value_loss(new_values, values, returns)
 
-    ``approx_kl = ((ratio - 1) - logratio).mean()`` uses the unclamped log-ratio. With a boolean
-    ``mask`` (padding), means and the normalization statistics run over its elements only; with
-    no valid element every term is a zero still connected to the graph (so a learner with an
-    empty shard makes the same backward and collective calls as the others).
+    With a boolean ``mask`` (padding), means and the normalization statistics run over its
+    elements only; with no valid element every term is a zero still connected to the graph (so a
+    learner with an empty shard makes the same backward and collective calls as the others).
     """
     named = {
         "old_logprob": old_logprob, "new_logprob": new_logprob, "entropy": entropy,
@@ -171,43 +271,35 @@ def ppo_minibatch_loss(
         # no valid element (an empty shard among several learners): a zero that keeps the graph
         return x[mask].mean() if count else (x * 0.0).sum()
 
-    logratio = new_logprob - old_logprob
-    ratio = logratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+    ratio = importance_ratio(new_logprob, old_logprob)
     vtrace = cfg.vtrace
     adv = compute_advantage(
         values, rewards, dones, ratio,
         gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, rho_clip=vtrace.rho_clip, c_clip=vtrace.c_clip,
     )
-    adv = normalize_advantage(adv, cfg.norm_adv, mask=mask)
+    adv = normalize_advantage(adv, enabled=cfg.norm_adv, mask=mask)
     if prio_weights is not None:
         adv = prio_weights * adv
-
-    pg_loss1 = -adv * ratio
-    pg_loss2 = -adv * ratio.clamp(1.0 - cfg.clip_coef, 1.0 + cfg.clip_coef)
-    policy_loss = mean(torch.max(pg_loss1, pg_loss2))
-
     returns = advantages + values
-    v_loss_unclipped = (new_values - returns) ** 2
-    if cfg.clip_vloss:
-        v_clipped = values + (new_values - values).clamp(-cfg.vf_clip_coef, cfg.vf_clip_coef)
-        value_loss = 0.5 * mean(torch.max(v_loss_unclipped, (v_clipped - returns) ** 2))
-    else:
-        value_loss = 0.5 * mean(v_loss_unclipped)
-    entropy_mean = mean(entropy)
-    entropy_term = -cfg.ent_coef * entropy_mean
+
+    policy_loss = clipped_surrogate_pg_loss(ratio, adv, clip_coef=cfg.clip_coef, mean=mean)
+    value_loss = clipped_value_loss(new_values, values, returns, vf_clip_coef=cfg.vf_clip_coef,
+                                    clip_vloss=cfg.clip_vloss, mean=mean)
+    neg_entropy = entropy_loss(entropy, mean=mean)
+    entropy_term = cfg.ent_coef * neg_entropy
     value_term = cfg.vf_coef * value_loss
     loss = policy_loss + entropy_term + value_term
 
     with torch.no_grad():
-        approx_kl = mean((ratio - 1) - logratio)
-        clipfrac = mean(((ratio - 1.0).abs() > cfg.clip_coef).float())
         importance = mean(ratio)
         current_logprobs = mean(new_logprob)
     return PPOTerms(
-        loss=loss, entropy_term=entropy_term, value_term=value_term, policy_loss=policy_loss, value_loss=value_loss, entropy=entropy_mean,
-        approx_kl=approx_kl, clipfrac=clipfrac, importance=importance,
-        current_logprobs=current_logprobs, ratio=ratio, advantages=adv, returns=returns,
-        count=count,
+        loss=loss, entropy_term=entropy_term, value_term=value_term, policy_loss=policy_loss,
+        value_loss=value_loss, entropy=-neg_entropy,
+        approx_kl=approx_kl(new_logprob, old_logprob, ratio, mean=mean),
+        clipfrac=clip_fraction(ratio, clip_coef=cfg.clip_coef, mean=mean),
+        importance=importance, current_logprobs=current_logprobs, ratio=ratio, advantages=adv,
+        returns=returns, count=count,
     )
 
 

@@ -16,9 +16,11 @@ import torch
 from bridges.conformance import reference
 
 
-def advantage_loop(values, rewards, dones, ratio, gamma, gae_lambda, rho_clip=1.0, c_clip=1.0) -> np.ndarray:
-    """SPEC §2, one row and one step at a time, in float32 like the kernel."""
-    return reference.advantage(values, rewards, dones, ratio, gamma, gae_lambda, rho_clip, c_clip)
+def advantage_loop(values, rewards, dones, ratio, gamma, gae_lambda, rho_clip=1.0, c_clip=1.0,
+                   dtype=np.float32) -> np.ndarray:
+    """SPEC §2, one row and one step at a time, in float32 like the kernel (or ``dtype``); CPU or CUDA tensors."""
+    values, rewards, dones, ratio = (x.cpu() if isinstance(x, torch.Tensor) else x for x in (values, rewards, dones, ratio))
+    return reference.advantage(values, rewards, dones, ratio, gamma, gae_lambda, rho_clip, c_clip, dtype=dtype)
 
 
 def gae_loop(values, next_rewards, next_dones, gamma, gae_lambda) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Conformance suite: canonical cases checked through the core, TorchRL and RLlib (issue 5).
 
+- ``golden/``: the canonical cases themselves and their format (``README.md``), shipped as package data;
 - ``cases``: the case file format, validated loading and the deterministic generator;
 - ``reference``: the separate slow re-statement of SPEC §1-§4 that produces expected values;
 - ``runners``: one small adapter per framework, each reporting a ``Measurement``;

@@ -1,7 +1,7 @@
 """Canonical conformance cases: their file format, loading with validation, and deterministic generation.
 
 A case is two files next to each other (format ``metta-conformance/1``, documented in
-``tests/conformance/README.md``):
+``golden/README.md`` next to this module):
 
 - ``<name>.json``: settings (``ppo`` = every ``PPOConfig`` field, ``trainer`` sizes,
   ``trainer_epoch``, ``sample_seed``, ``optimizer``, ``policy``), a manifest of the arrays
@@ -40,8 +40,8 @@ from bridges.conformance.reference import Measurement, PHASE_STAT_NAMES, TERM_NA
 FORMAT = "metta-conformance/1"
 """Value of the ``format`` field of every case file."""
 
-CASES_DIR = Path(__file__).resolve().parents[2] / "tests" / "conformance" / "cases"
-"""Where the canonical cases of this repository are stored."""
+CASES_DIR = Path(__file__).resolve().parent / "golden"
+"""The canonical cases, shipped inside the package (package data ``bridges/conformance/golden``)."""
 
 DATA_FIELDS = ("env_obs", "actions", "act_log_prob", "values", "rewards", "dones", "truncateds")
 """The ``data/<field>`` arrays: Metta's buffer fields (SPEC §1)."""
@@ -191,7 +191,7 @@ def _read_npz(case: str, path: Path) -> dict[str, np.ndarray]:
         archive = zipfile.ZipFile(io.BytesIO(raw))
     except zipfile.BadZipFile as exc:
         raise CaseError(case, "npz", f"{path.name} is not a valid npz (zip) file ({exc}); it may be truncated: "
-                        f"regenerate it with tests/conformance/generate_cases.py") from None
+                        f"regenerate it with metta-bridges conformance --regenerate") from None
     arrays = {}
     for info in archive.infolist():
         key = info.filename.removesuffix(".npy")
@@ -447,7 +447,7 @@ def _expected(config: Mapping[str, Any], arrays: dict[str, np.ndarray]) -> dict[
     try:
         step = reference.one_step(config, data, weights, idx, prio_w)
         stats, params, counts = reference.training_phase(config, data, weights)
-    except reference.ReferenceError as exc:
+    except reference.SpecInputError as exc:
         return {"error": exc.match}
     for group, values in (("grads", step.grads), ("params_after_step", step.params_after_step),
                           ("params_after_phase", params)):

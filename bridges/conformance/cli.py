@@ -4,7 +4,8 @@
     metta-bridges conformance --all                # the whole matrix
     metta-bridges conformance --case horizon_2 --framework torchrl
     metta-bridges conformance --all --markdown docs/conformance.md
-    metta-bridges conformance --regenerate         # rewrite tests/conformance/cases first
+    metta-bridges conformance --regenerate         # rewrite the package's golden cases first
+    metta-bridges conformance --regenerate --case horizon_2   # rewrite (and run) only these
     metta-bridges conformance --native --native-markdown docs/native_equivalence.md
 
 Prints a table (case x framework -> max abs diff per quantity, PASS/FAIL/ERROR) and writes
@@ -35,7 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--framework", action="append", dest="frameworks", choices=FRAMEWORKS,
                    help="run this framework (repeatable; default: all)")
     p.add_argument("--cases-dir", type=Path, default=None,
-                   help="directory of <name>.json/.npz case files (default: tests/conformance/cases)")
+                   help="directory of <name>.json/.npz case files (default: the golden cases shipped in "
+                        "the package, bridges/conformance/golden)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where report.json, report.md, heatmap.png go")
     p.add_argument("--json", type=Path, default=None, help="JSON report path (default: OUT_DIR/report.json)")
     p.add_argument("--markdown", type=Path, default=None, help="Markdown report path (default: OUT_DIR/report.md)")
@@ -44,7 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="also run the native equivalence matrix (TorchRL ClipPPOLoss, RLlib PPOTorchLearner)")
     p.add_argument("--native-markdown", type=Path, default=None,
                    help="native matrix Markdown path (default: OUT_DIR/native.md)")
-    p.add_argument("--regenerate", action="store_true", help="regenerate the canonical case files before running")
+    p.add_argument("--regenerate", action="store_true",
+                   help="regenerate the canonical case files (those of --case, else all) in the cases directory "
+                        "before running")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -59,7 +63,7 @@ def run(ns: argparse.Namespace) -> int:
     directory = ns.cases_dir or cases.CASES_DIR
     try:
         if ns.regenerate:
-            cases.generate(directory)
+            cases.generate(directory, ns.cases)
         if ns.cases:
             paths = cases.case_paths(directory, ns.cases)
         else:

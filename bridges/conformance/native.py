@@ -19,7 +19,9 @@ sampling). The equivalence mapping, under which a native loss computes Metta's n
   never equals Metta's, so for RLlib only the value loss and the entropy are equivalent.
 
 Every divergence is a *probe*: the equivalence problem changed in one respect (the minimal
-case), and the size of the resulting difference. ``native_markdown()`` renders both tables.
+case), and the size of the resulting difference, attributed to the piece of Metta's loss
+(``metta_core.advantage``, ``metta_core.ppo_math``) where the framework computes something else.
+``native_markdown()`` renders the mapping, the pieces, and both tables.
 """
 
 from __future__ import annotations
@@ -53,6 +55,28 @@ MAPPING = (
     "| `prio_alpha = 0`, no priority weights | none | none |",
 )
 """The settings and data mapping, as Markdown table lines."""
+
+PIECES = (
+    "| piece of Metta's loss | Metta (SPEC) | TorchRL `ClipPPOLoss` + `GAE` | RLlib `PPOTorchLearner` + GAE connector |",
+    "|---|---|---|---|",
+    "| `importance_ratio` | `exp(clamp(new - old logprob, -10, 10))` | log-ratio not clamped | log-ratio not clamped |",
+    "| `compute_advantage` | V-trace GAE on the stored values, reward `rewards[:, t+1]`, last step 0, truncation "
+    "ignored | ratio-free GAE on the current critic's values, reward at the action's index, last step bootstrapped, "
+    "trace cut at truncations | same as TorchRL |",
+    "| `normalize_advantage` | per minibatch, `(A - mean) / (std + 1e-8)` (Bessel std) | `std.clamp_min(1e-6)` "
+    "instead of `std + 1e-8` | always on, batch-wide in the GAE connector, population std, `max(1e-4, std)`, one "
+    "artificial bootstrap step per episode in the statistics |",
+    "| `prioritized_sample` | advantages times `(S * p[idx]) ** -beta` | no priority weights | no priority weights |",
+    "| `clipped_surrogate_pg_loss` | `mean(max(-A r, -A clamp(r, 1 - clip_coef, 1 + clip_coef)))` | same "
+    "(`clip_epsilon`) | same (`clip_param`) |",
+    "| `clipped_value_loss` | `0.5 * mean(max(...))`, `vf_clip_coef` clips the value change | the `l2` critic has no "
+    "1/2 factor (`critic_coeff = 0.5 * vf_coef`), the default critic is smooth-L1; `clip_value` clips the value "
+    "change as Metta | `vf_loss` has no 1/2 factor (`vf_loss_coeff = 0.5 * vf_coef`); `vf_clip_param` clamps the "
+    "squared error |",
+    "| `entropy_loss` | `-mean(entropy)` | same (`entropy_coeff`) | same (`entropy_coeff`) |",
+    "| `approx_kl` | `mean((r - 1) - log r)` | `mean(old - new logprob)` | 0 with `use_kl_loss=False` |",
+)
+"""Where each framework differs, piece by piece of ``ppo_minibatch_loss`` (Markdown table lines)."""
 
 EQUIVALENCE_TOLERANCE = 1e-6
 """Largest accepted difference where the mapping claims equivalence."""
@@ -255,11 +279,13 @@ def rllib(problem: Problem, *, vf_clip_param: float = math.inf) -> dict[str, Any
 
 @dataclass
 class Row:
-    """One line of the matrix: ``size`` is the max abs difference over ``items`` (worst one named)."""
+    """One line of the matrix: ``size`` is the max abs difference over ``items`` (worst one named);
+    ``piece`` names the piece(s) of Metta's loss where a divergence comes from."""
 
     framework: str
     name: str
     case: str
+    piece: str = ""
     size: float = math.nan
     worst: str = ""
     equivalent: bool = False
@@ -276,8 +302,8 @@ def _diff(metta_out: dict, native_out: dict, items: tuple[str, ...]) -> tuple[fl
 
 
 def _row(framework: str, name: str, case: str, items: tuple[str, ...], compute: Callable[[], tuple[dict, dict]],
-         equivalent: bool = False) -> Row:
-    row = Row(framework, name, case, equivalent=equivalent, items=items)
+         equivalent: bool = False, piece: str = "") -> Row:
+    row = Row(framework, name, case, piece=piece, equivalent=equivalent, items=items)
     try:
         row.size, row.worst = _diff(*compute(), items)
     except Exception as exc:  # a framework that cannot run the probe is reported, not fatal
@@ -301,47 +327,52 @@ def matrix(case: Case) -> list[Row]:
     rows.append(_row("rllib", "equivalent: value_loss and entropy (norm_adv=True, clip_vloss=False)", name,
                      ("value_loss", "entropy"), lambda: (metta(p), rllib(p)), equivalent=True))
     plain = base.edit(ppo={"clip_vloss": False})  # RLlib's vf_clip_param = inf
+    # (framework, piece where it diverges, label, problem, compared items, compute)
     probes = [
-        ("torchrl", "critic loss: TorchRL's default smooth-L1 instead of 0.5 * squared error", base, ("value_loss",),
-         lambda p: (metta(p), torchrl(p, loss_critic_type="smooth_l1"))),
-        ("torchrl", "normalization eps: std.clamp_min(1e-6) vs std + 1e-8 (advantages with spread ~1e-7)",
+        ("torchrl", "clipped_value_loss", "critic loss: TorchRL's default smooth-L1 instead of 0.5 * squared error",
+         base, ("value_loss",), lambda p: (metta(p), torchrl(p, loss_critic_type="smooth_l1"))),
+        ("torchrl", "normalize_advantage",
+         "normalization eps: std.clamp_min(1e-6) vs std + 1e-8 (advantages with spread ~1e-7)",
          _tiny_spread(base), ("grads",), lambda p: (metta(p), torchrl(p))),
-        ("torchrl", "KL estimator: mean(old - new logprob) vs mean((ratio - 1) - log ratio)", base, ("approx_kl",),
-         lambda p: (metta(p), torchrl(p))),
-        ("torchrl", "reward index: unshifted mapping reward[t] = rewards[t]", base, all_items,
+        ("torchrl", "approx_kl", "KL estimator: mean(old - new logprob) vs mean((ratio - 1) - log ratio)", base,
+         ("approx_kl",), lambda p: (metta(p), torchrl(p))),
+        ("torchrl", "compute_advantage", "reward index: unshifted mapping reward[t] = rewards[t]", base, all_items,
          lambda p: (metta(p), torchrl(p, shift_rewards=False))),
-        ("torchrl", "last step: bootstrapped from V(next obs) instead of advantage 0", base, all_items,
-         lambda p: (metta(p), torchrl(p, terminal_last_step=False))),
-        ("rllib", "normalization: batch-wide in the GAE connector, population std, max(1e-4, std), and the "
-         "statistics include one artificial bootstrap step per episode", plain, ("policy_loss",),
-         lambda p: (metta(p), rllib(p))),
-        ("rllib", "norm_adv=False is not expressible (RLlib's GAE connector always normalizes)",
+        ("torchrl", "compute_advantage", "last step: bootstrapped from V(next obs) instead of advantage 0", base,
+         all_items, lambda p: (metta(p), torchrl(p, terminal_last_step=False))),
+        ("rllib", "normalize_advantage", "normalization: batch-wide in the GAE connector, population std, "
+         "max(1e-4, std), and the statistics include one artificial bootstrap step per episode", plain,
+         ("policy_loss",), lambda p: (metta(p), rllib(p))),
+        ("rllib", "normalize_advantage", "norm_adv=False is not expressible (RLlib's GAE connector always normalizes)",
          plain.edit(ppo={"norm_adv": False}), ("policy_loss",), lambda p: (metta(p), rllib(p))),
-        ("rllib", "value clip: vf_clip_param=0.1 clamps the squared error (Metta clips the value change)",
+        ("rllib", "clipped_value_loss",
+         "value clip: vf_clip_param=0.1 clamps the squared error (Metta clips the value change)",
          base.edit(ppo={"vf_clip_coef": 0.1}), ("value_loss",), lambda p: (metta(p), rllib(p, vf_clip_param=0.1))),
-        ("rllib", "KL: 0 with use_kl_loss=False (Metta reports mean((ratio - 1) - log ratio))", plain,
+        ("rllib", "approx_kl", "KL: 0 with use_kl_loss=False (Metta reports mean((ratio - 1) - log ratio))", plain,
          ("approx_kl",), lambda p: (metta(p), rllib(p))),
     ]
-    # (label, change, TorchRL items, RLlib items or None). RLlib's policy_loss always carries its
-    # normalization divergence, so divergences that only move the policy loss by less than that
+    # (piece, label, change, TorchRL items, RLlib items or None). RLlib's policy_loss always carries
+    # its normalization divergence, so divergences that only move the policy loss by less than that
     # (V-trace recompute, priority weights) are not separable there and are listed for TorchRL only.
     shared = (
-        ("log-ratio not clamped to +-10 (one ratio e^12 with a negative advantage, norm_adv off)", _huge_ratio,
-         ("policy_loss",), ("policy_loss",)),
-        ("truncation: trace cut and bootstrap from the final obs (Metta ignores truncation)", _truncated,
-         all_items, ("value_loss", "entropy")),
-        ("V-trace recompute with ratios on both sides of 1 (natives use ratio-free GAE)", _two_sided_ratios,
-         all_items, None),
-        ("prioritized weights (prio_alpha 0.6, beta 0.6) multiply Metta's advantages", _prioritized, all_items, None),
-        ("values: natives recompute V with the current critic; Metta uses stored values (noise 0.5)",
+        ("importance_ratio", "log-ratio not clamped to +-10 (one ratio e^12 with a negative advantage, norm_adv off)",
+         _huge_ratio, ("policy_loss",), ("policy_loss",)),
+        ("compute_advantage", "truncation: trace cut and bootstrap from the final obs (Metta ignores truncation)",
+         _truncated, all_items, ("value_loss", "entropy")),
+        ("compute_advantage", "V-trace recompute with ratios on both sides of 1 (natives use ratio-free GAE)",
+         _two_sided_ratios, all_items, None),
+        ("prioritized_sample", "prioritized weights (prio_alpha 0.6, beta 0.6) multiply Metta's advantages",
+         _prioritized, all_items, None),
+        ("compute_advantage, clipped_value_loss",
+         "values: natives recompute V with the current critic; Metta uses stored values (noise 0.5)",
          _stale_values, all_items, ("value_loss", "entropy")),
     )
-    for label, change, torchrl_items, rllib_items in shared:
-        probes.append(("torchrl", label, change(base), torchrl_items, lambda p: (metta(p), torchrl(p))))
+    for piece, label, change, torchrl_items, rllib_items in shared:
+        probes.append(("torchrl", piece, label, change(base), torchrl_items, lambda p: (metta(p), torchrl(p))))
         if rllib_items:
-            probes.append(("rllib", label, change(plain), rllib_items, lambda p: (metta(p), rllib(p))))
-    for framework, label, problem, items, compute in probes:
-        rows.append(_row(framework, label, name, items, lambda p=problem, c=compute: c(p)))
+            probes.append(("rllib", piece, label, change(plain), rllib_items, lambda p: (metta(p), rllib(p))))
+    for framework, piece, label, problem, items, compute in probes:
+        rows.append(_row(framework, label, name, items, lambda p=problem, c=compute: c(p), piece=piece))
     return rows
 
 
@@ -394,12 +425,15 @@ def _stale_values(p: Problem) -> Problem:
 
 
 def native_markdown(rows: list[Row]) -> str:
-    """The settings mapping, the equivalence rows and the divergence probes as Markdown."""
+    """The settings mapping, the pieces, the equivalence rows and the divergence probes as Markdown."""
     lines = ["# Native equivalence matrix", "",
              "TorchRL's `ClipPPOLoss` + `GAE` and RLlib's `PPOTorchLearner` + its GAE connector against Metta's",
              "loss (`bridges.conformance.reference`, SPEC §1-§4), on one minibatch made of a whole case buffer.",
              "Regenerate with `metta-bridges conformance --native --native-markdown docs/native_equivalence.md`.",
              "", "## Mapping under which the numbers agree", "", *MAPPING, "",
+             "## Where each framework differs, piece by piece", "",
+             "The pieces `ppo_minibatch_loss` is composed of (`metta_core.ppo_math`, and the advantage kernels of",
+             "`metta_core.advantage`), with what each framework computes in their place.", "", *PIECES, "",
              f"## Equivalence (must be <= {EQUIVALENCE_TOLERANCE:g})", "",
              "| framework | setting | case | max abs diff | at | result |", "|---|---|---|---|---|---|"]
     for r in (r for r in rows if r.equivalent):
@@ -407,9 +441,10 @@ def native_markdown(rows: list[Row]) -> str:
         lines.append(f"| {r.framework} | {r.name.removeprefix('equivalent: ')} | {r.case} | "
                      f"{'-' if r.error else f'{r.size:.1e}'} | {r.error or r.worst} | {'PASS' if ok else '**FAIL**'} |")
     lines += ["", "## Divergences (one change from the equivalence problem each)", "",
-              "| framework | divergence (minimal case) | case | compared | size (max abs diff) | at |",
-              "|---|---|---|---|---|---|"]
+              "| framework | piece | divergence (minimal case) | case | compared | size (max abs diff) | at |",
+              "|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if not r.equivalent):
-        lines.append(f"| {r.framework} | {r.name} | {r.case} | {', '.join(r.items)} | "
+        piece = ", ".join(f"`{p}`" for p in r.piece.split(", "))
+        lines.append(f"| {r.framework} | {piece} | {r.name} | {r.case} | {', '.join(r.items)} | "
                      f"{'-' if r.error else f'{r.size:.2e}'} | {r.error or r.worst} |")
     return "\n".join(lines) + "\n"

@@ -2,8 +2,8 @@
 
 Nothing here imports ``metta_core`` or a bridge: the expected values stored in the case files
 must not come from the code they check. The policy is evaluated from its weights by a small
-functional forward (the architecture documented in ``tests/conformance/README.md``), the
-advantage is a per-element float32 loop, and the training phase is written out step by step.
+functional forward (the architecture documented in ``golden/README.md``), the advantage is a
+per-element float32 loop, and the training phase is written out step by step.
 Settings are the plain dicts of a case file (``ppo``, ``trainer``, ``optimizer``, ``policy``).
 
 Conventions (SPEC §1): every data array is ``[segments, horizon]`` (plus feature dims);
@@ -32,8 +32,8 @@ SINGLE_ELEMENT_NORM_ERROR = "at least 2 elements"
 """Substring of the error every implementation raises for ``norm_adv`` over one element."""
 
 
-class ReferenceError(ValueError):
-    """The SPEC cannot be evaluated on these inputs.
+class SpecInputError(ValueError):
+    """The SPEC cannot be evaluated on these inputs (e.g. ``norm_adv`` over one element).
 
     ``match`` is the part of the message every conforming implementation's error contains; it
     is stored as the case's ``expected.error``.
@@ -98,14 +98,16 @@ def policy_forward(params: Mapping[str, Tensor], policy: Mapping[str, Any], obs:
 
 # -- SPEC §2, §3 -------------------------------------------------------------------------------
 
-def advantage(values, rewards, dones, ratio, gamma: float, gae_lambda: float, rho_clip: float, c_clip: float) -> np.ndarray:
-    """SPEC §2 one element at a time in float32; ``A[:, -1] = 0``."""
-    v, r, d, w = (np.asarray(x, dtype=np.float32) for x in (values, rewards, dones, ratio))
-    g, lam, rho_max, c_max = (np.float32(x) for x in (gamma, gae_lambda, rho_clip, c_clip))
+def advantage(values, rewards, dones, ratio, gamma: float, gae_lambda: float, rho_clip: float, c_clip: float,
+              dtype: type = np.float32) -> np.ndarray:
+    """SPEC §2 one element at a time in ``dtype`` (float32, as the SPEC; float64 for the tests of the
+    torch scan in float64); ``A[:, -1] = 0``."""
+    v, r, d, w = (np.asarray(x, dtype=dtype) for x in (values, rewards, dones, ratio))
+    g, lam, rho_max, c_max = (dtype(x) for x in (gamma, gae_lambda, rho_clip, c_clip))
     out = np.zeros_like(v)
-    one = np.float32(1.0)
+    one = dtype(1.0)
     for s in range(v.shape[0]):
-        following = np.float32(0.0)
+        following = dtype(0.0)
         for t in range(v.shape[1] - 2, -1, -1):
             not_terminal = one - d[s, t + 1]
             rho = min(w[s, t], rho_max)
@@ -119,7 +121,7 @@ def advantage(values, rewards, dones, ratio, gamma: float, gae_lambda: float, rh
 def normalize(adv: Tensor) -> Tensor:
     """SPEC §3, single process: ``(A - mean) / (std + 1e-8)`` with Bessel's correction."""
     if adv.numel() < 2:
-        raise ReferenceError(SINGLE_ELEMENT_NORM_ERROR, f"norm_adv over a minibatch of {adv.numel()} element(s)")
+        raise SpecInputError(SINGLE_ELEMENT_NORM_ERROR, f"norm_adv over a minibatch of {adv.numel()} element(s)")
     return (adv - adv.mean()) / (adv.std() + 1e-8)
 
 
@@ -217,7 +219,7 @@ def _leaves(weights: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
 
 def _optimizer(spec: Mapping[str, Any], params: list[Tensor]) -> torch.optim.Optimizer:
     if spec["name"] != "adam":
-        raise ReferenceError("optimizer", f"{spec['name']!r} is not supported; use 'adam'")
+        raise SpecInputError("optimizer", f"{spec['name']!r} is not supported; use 'adam'")
     return torch.optim.Adam(params, lr=spec["lr"], betas=tuple(spec["betas"]), eps=spec["eps"])
 
 

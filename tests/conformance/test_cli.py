@@ -42,3 +42,11 @@ def test_failure_or_error_exits_nonzero(tmp_path, capsys):
 def test_empty_case_directory_is_a_usage_error(tmp_path, capsys):
     assert main(["conformance", "--cases-dir", str(tmp_path), "--no-progress"]) == 2
     assert "no case files" in capsys.readouterr().err
+
+
+def test_regenerate_writes_only_the_named_cases(tmp_path, capsys):
+    cases = tmp_path / "cases"
+    status = main(["conformance", "--regenerate", "--case", "horizon_2", "--cases-dir", str(cases),
+                   "--framework", "core", "--out-dir", str(tmp_path / "out"), "--no-progress"])
+    assert status == 0 and "1 passed, 0 failed, 0 errors of 1" in capsys.readouterr().out
+    assert sorted(p.name for p in cases.iterdir()) == ["horizon_2.json", "horizon_2.npz"]

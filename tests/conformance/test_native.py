@@ -15,6 +15,16 @@ def problem():
     return native.equivalence_problem(load_case(CASES_DIR / "defaults_discrete_mlp.json"))
 
 
+PIECES = {line.split("|")[1].strip().strip("`") for line in native.PIECES[2:]}
+
+
+def test_the_pieces_table_names_functions_of_the_core():
+    from metta_core import advantage, ppo_math
+
+    assert {"clipped_surrogate_pg_loss", "clipped_value_loss", "entropy_loss", "compute_advantage"} <= PIECES
+    assert all(callable(getattr(ppo_math, p, None) or getattr(advantage, p, None)) for p in PIECES), PIECES
+
+
 def _diff(a, b, items):
     return native._diff(a, b, items)[0]
 
@@ -47,3 +57,4 @@ def test_matrix(name):
             assert row.size <= native.EQUIVALENCE_TOLERANCE, (row.framework, row.name, row.worst)
         else:
             assert row.size > 1e-4, (row.framework, row.name, row.size)
+            assert set(row.piece.split(", ")) <= PIECES, (row.name, row.piece)

@@ -1,4 +1,10 @@
-"""compute_advantage against the slow reference loop (SPEC §2), on random and adversarial inputs."""
+"""compute_advantage and the torch scan against the slow reference loop (SPEC §2), on random and
+adversarial inputs, over devices (CPU; CUDA when present) and dtypes.
+
+Dtypes: ``compute_advantage`` takes float32 only (the SPEC's numbers are float32, and the compiled
+CPU kernel is float32) and refuses anything else with a message saying how to convert; the torch
+scan under it is dtype-generic and is tested in float32 and float64.
+"""
 
 import numpy as np
 import pytest
@@ -10,16 +16,30 @@ from metta_core import advantage as adv_mod
 from metta_core.advantage import compute_advantage
 from metta_core.errors import MettaError
 from metta_core.kernels.scan import advantage_scan, reverse_linear_recurrence
+from tests.devices import FLOAT_DTYPES, get_default_devices
 from tests.reference import advantage_loop, gae_loop
 
-BACKENDS = ["compiled", "scan"]
+BACKENDS = ["compute_advantage", "scan"]
+"""``compute_advantage`` dispatches (compiled kernel on CPU, the scan elsewhere); ``scan`` calls the scan."""
+DEVICES = pytest.mark.parametrize("device", get_default_devices())
+DTYPES = pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 
 
-def run(backend, values, rewards, dones, ratio, **kw):
-    if backend == "compiled":
-        return compute_advantage(values, rewards, dones, ratio, **kw)
-    return advantage_scan(values, rewards, dones.float(), ratio, kw["gamma"], kw["gae_lambda"],
-                          kw.get("rho_clip", 1.0), kw.get("c_clip", 1.0))
+def run(backend, device, values, rewards, dones, ratio, **kw):
+    """The backend on ``device``; the result back on the CPU as NumPy."""
+    values, rewards, dones, ratio = (x.to(device) for x in (values, rewards, dones, ratio))
+    if backend == "compute_advantage":
+        out = compute_advantage(values, rewards, dones, ratio, **kw)
+    else:
+        out = advantage_scan(values, rewards, dones.to(values.dtype), ratio, kw["gamma"], kw["gae_lambda"],
+                             kw.get("rho_clip", 1.0), kw.get("c_clip", 1.0))
+    assert out.device.type == device.type and out.dtype == values.dtype
+    return out.cpu().numpy()
+
+
+def bit_identical(backend, device) -> bool:
+    """Only the compiled CPU kernel runs the loop's float32 operations in the loop's order."""
+    return backend == "compute_advantage" and device.type == "cpu"
 
 
 @st.composite
@@ -57,18 +77,29 @@ def advantage_case(draw):
     return values, rewards, dones, ratio, kw
 
 
+@DEVICES
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=150, deadline=None)
 @given(case=advantage_case())
-def test_matches_reference_loop(backend, case):
+def test_matches_reference_loop(device, backend, case):
     values, rewards, dones, ratio, kw = case
     expected = advantage_loop(values, rewards, dones, ratio, **kw)
-    got = run(backend, values, rewards, dones, ratio, **kw).numpy()
+    got = run(backend, device, values, rewards, dones, ratio, **kw)
     scale = max(1.0, float(np.abs(expected).max()))
-    if backend == "compiled":  # same float32 operations in the same order as the loop
+    if bit_identical(backend, device):  # same float32 operations in the same order as the loop
         np.testing.assert_array_equal(got, expected)
     else:  # the scan sums in another order: a few ulp per doubling step
         np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * scale)
+
+
+@DEVICES
+@settings(max_examples=60, deadline=None)
+@given(case=advantage_case())
+def test_scan_in_float64_matches_the_float64_loop(device, case):
+    values, rewards, dones, ratio, kw = (*(x.double() for x in case[:4]), case[4])
+    expected = advantage_loop(values, rewards, dones, ratio, **kw, dtype=np.float64)
+    got = run("scan", device, values, rewards, dones, ratio, **kw)
+    np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-11 * max(1.0, float(np.abs(expected).max())))
 
 
 def test_compiled_kernel_is_bit_identical_to_the_sequential_loop():
@@ -82,47 +113,77 @@ def test_compiled_kernel_is_bit_identical_to_the_sequential_loop():
     np.testing.assert_array_equal(got, advantage_loop(values, rewards, dones, ratio, **kw))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ratio_one_is_gae_on_shifted_rewards(backend):
+@DEVICES
+@pytest.mark.parametrize("backend, dtype", [("compute_advantage", torch.float32), ("scan", torch.float32),
+                                            ("scan", torch.float64)], ids=["compute_advantage-float32",
+                                                                           "scan-float32", "scan-float64"])
+def test_ratio_one_is_gae_on_shifted_rewards(device, backend, dtype):
     g = torch.Generator().manual_seed(1)
     shape = (5, 12)
-    values, rewards = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    dones = (torch.rand(shape, generator=g) < 0.25).float()
-    got = run(backend, values, rewards, dones, torch.ones(shape), gamma=0.9, gae_lambda=0.8, rho_clip=1.0, c_clip=3.0)
+    values, rewards = torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype)
+    dones = (torch.rand(shape, generator=g) < 0.25).to(dtype)
+    ones = torch.ones(shape, dtype=dtype)
+    got = run(backend, device, values, rewards, dones, ones, gamma=0.9, gae_lambda=0.8, rho_clip=1.0, c_clip=3.0)
     # the framework layout: reward and terminal flag at the index of the action that caused them
     next_rewards, next_dones = rewards[:, 1:].numpy(), dones[:, 1:].numpy()
     expected = gae_loop(values.numpy(), np.pad(next_rewards, ((0, 0), (0, 1))), np.pad(next_dones, ((0, 0), (0, 1))), 0.9, 0.8)
-    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(got, expected, atol=1e-5 if dtype == torch.float32 else 1e-12)
 
 
-def test_hand_computed_two_steps():
+@DEVICES
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hand_computed_two_steps(device, backend):
     values = torch.tensor([[1.0, 2.0, 3.0]])
     rewards = torch.tensor([[9.0, 0.5, 1.0]])  # rewards[:, 0] is never read
     dones = torch.tensor([[1.0, 0.0, 1.0]])  # dones[:, 0] is never read
     ratio = torch.tensor([[2.0, 0.5, 7.0]])
-    a = compute_advantage(values, rewards, dones, ratio, gamma=0.5, gae_lambda=0.5, rho_clip=1.0, c_clip=1.0)
+    a = run(backend, device, values, rewards, dones, ratio, gamma=0.5, gae_lambda=0.5, rho_clip=1.0, c_clip=1.0)
     # t=1: nnt = 1 - dones[2] = 0, rho = min(0.5, 1) -> 0.5 * (1.0 + 0 - 2.0) = -0.5
     # t=0: nnt = 1, rho = c = min(2, 1) = 1: delta = 0.5 + 0.5*2 - 1 = 0.5; A = 0.5 + 0.25 * 1 * -0.5
-    torch.testing.assert_close(a, torch.tensor([[0.375, -0.5, 0.0]]))
+    np.testing.assert_allclose(a, [[0.375, -0.5, 0.0]], rtol=1e-6)
 
 
-def test_returns_new_tensor_without_grad():
-    values = torch.randn(3, 4, requires_grad=True)
-    ratio = torch.ones(3, 4, requires_grad=True)
-    a = compute_advantage(values, torch.randn(3, 4), torch.zeros(3, 4), ratio, gamma=0.9, gae_lambda=0.9)
-    assert not a.requires_grad and a.grad_fn is None
+@DEVICES
+def test_returns_new_tensor_without_grad(device):
+    values = torch.randn(3, 4, device=device, requires_grad=True)
+    ratio = torch.ones(3, 4, device=device, requires_grad=True)
+    rewards, dones = torch.randn(3, 4, device=device), torch.zeros(3, 4, device=device)
+    a = compute_advantage(values, rewards, dones, ratio, gamma=0.9, gae_lambda=0.9)
+    assert not a.requires_grad and a.grad_fn is None and a.device.type == device.type
     assert a.data_ptr() not in {values.data_ptr(), ratio.data_ptr()}
 
 
-def test_bool_dones_equal_float_dones():
+@DEVICES
+def test_bool_dones_equal_float_dones(device):
     g = torch.Generator().manual_seed(2)
-    values, rewards = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
-    dones = torch.rand(4, 8, generator=g) < 0.3
+    values, rewards = torch.randn(4, 8, generator=g).to(device), torch.randn(4, 8, generator=g).to(device)
+    dones = (torch.rand(4, 8, generator=g) < 0.3).to(device)
+    ones = torch.ones(4, 8, device=device)
     kw = dict(gamma=0.9, gae_lambda=0.9)
-    torch.testing.assert_close(
-        compute_advantage(values, rewards, dones, torch.ones(4, 8), **kw),
-        compute_advantage(values, rewards, dones.float(), torch.ones(4, 8), **kw),
+    assert torch.equal(
+        compute_advantage(values, rewards, dones, ones, **kw),
+        compute_advantage(values, rewards, dones.float(), ones, **kw),
     )
+
+
+@DEVICES
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["values", "rewards", "importance_sampling_ratio"])
+def test_other_dtypes_are_refused(device, dtype, name):
+    kwargs = {k: torch.zeros(2, 4, device=device) for k in ("values", "rewards", "dones")}
+    kwargs["importance_sampling_ratio"] = torch.ones(2, 4, device=device)
+    kwargs[name] = kwargs[name].to(dtype)
+    with pytest.raises(MettaError, match=rf"{name} must be float32, got {dtype}; convert with \.float\(\)"):
+        compute_advantage(**kwargs, gamma=0.9, gae_lambda=0.9)
+
+
+@DEVICES
+def test_inputs_on_different_devices_are_refused(device):
+    other = torch.device("meta")  # a second device that every machine has
+    kwargs = {k: torch.zeros(2, 4, device=device) for k in ("values", "rewards", "dones", "importance_sampling_ratio")}
+    kwargs["rewards"] = kwargs["rewards"].to(other)
+    with pytest.raises(MettaError, match=f"rewards is on {other} but values is on {device}"):
+        compute_advantage(**kwargs, gamma=0.9, gae_lambda=0.9)
 
 
 def test_non_contiguous_inputs():
@@ -153,13 +214,18 @@ def test_fallback_warns_without_numba(monkeypatch):
     assert got.shape == (2, 5)
 
 
-def test_reverse_linear_recurrence_matches_loop():
+@DEVICES
+@DTYPES
+@pytest.mark.parametrize("n", [1, 2, 16, 17])
+def test_reverse_linear_recurrence_matches_loop(device, dtype, n):
     g = torch.Generator().manual_seed(5)
-    x, k = torch.randn(3, 17, generator=g, dtype=torch.float64), torch.rand(3, 17, generator=g, dtype=torch.float64)
+    x, k = torch.randn(3, n, generator=g, dtype=dtype), torch.rand(3, n, generator=g, dtype=dtype)
     expected = torch.zeros_like(x)
-    for t in range(16, -1, -1):
-        expected[:, t] = x[:, t] + (k[:, t] * expected[:, t + 1] if t < 16 else 0)
-    torch.testing.assert_close(reverse_linear_recurrence(x, k), expected)
+    for t in range(n - 1, -1, -1):
+        expected[:, t] = x[:, t] + (k[:, t] * expected[:, t + 1] if t < n - 1 else 0)
+    got = reverse_linear_recurrence(x.to(device), k.to(device))
+    assert got.device.type == device.type and got.dtype == dtype
+    torch.testing.assert_close(got.cpu(), expected)
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,12 @@ def test_buffer_sizes_follow_metta():
                      "minibatch_segments": 16, "num_minibatches": 4}
 
 
+def test_buffer_sizes_errors_are_metta_errors_naming_the_fix():
+    with pytest.raises(MettaError, match=r"minibatch_size \(100\) must be divisible by bptt_horizon \(64\).*"
+                                         r"use a minibatch_size that is a multiple of 64"):
+        buffer_sizes(batch_size=4096, bptt_horizon=64, minibatch_size=100, max_minibatch_size=4096)
+
+
 def test_minibatch_not_multiple_of_horizon():
     with pytest.raises(ValidationError, match=r"minibatch_size \(100\) must be divisible by bptt_horizon \(64\)"):
         TrainerConfig(batch_size=4096, bptt_horizon=64, minibatch_size=100)

@@ -28,9 +28,12 @@ def test_too_many_agents():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(minibatch=6, max_minibatch=6), r"minibatch_size \(6\) must be divisible by bptt_horizon \(4\)"),
     (dict(batch_size=12, minibatch=8), r"num_minibatches = 1.5 is not whole"),
+    (dict(batch_size=2), r"batch_size \(2\) is smaller than bptt_horizon \(4\); set batch_size to a multiple"),
+    (dict(horizon=0), r"buffer_sizes: bptt_horizon must be a positive int, got 0"),
+    (dict(max_minibatch=-8), r"buffer_sizes: max_minibatch_size must be a positive int, got -8"),
 ])
 def test_divisibility_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(MettaError, match=match):
         make(total_agents=1, **kwargs)
 
 

@@ -1,4 +1,5 @@
-"""normalize_advantage: both SPEC §3 paths, the mask, and two gloo processes."""
+"""normalize_advantage: both SPEC §3 paths, the mask, and two gloo processes; the single-process path
+over devices (CPU; CUDA when present) and dtypes (it is dtype-generic)."""
 
 import os
 import socket
@@ -11,12 +12,21 @@ import torch.multiprocessing as mp
 
 from metta_core.advantage import normalize_advantage
 from metta_core.errors import MettaError
+from tests.devices import FLOAT_DTYPES, get_default_devices
 from tests.reference import normalize_global, normalize_single
 
+DEVICES = pytest.mark.parametrize("device", get_default_devices())
+DTYPES = pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+ATOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 
-def test_single_process_matches_reference():
-    adv = torch.randn(7, 9, generator=torch.Generator().manual_seed(0)) * 3 + 1
-    np.testing.assert_allclose(normalize_advantage(adv).numpy(), normalize_single(adv.numpy()), atol=1e-6)
+
+@DEVICES
+@DTYPES
+def test_single_process_matches_reference(device, dtype):
+    adv = torch.randn(7, 9, generator=torch.Generator().manual_seed(0), dtype=dtype) * 3 + 1
+    out = normalize_advantage(adv.to(device))
+    assert out.device.type == device.type and out.dtype == dtype
+    np.testing.assert_allclose(out.cpu().numpy(), normalize_single(adv.numpy()), atol=ATOL[dtype])
 
 
 def test_disabled_is_identity():
@@ -24,19 +34,27 @@ def test_disabled_is_identity():
     assert normalize_advantage(adv, enabled=False) is adv
 
 
-def test_mask_uses_valid_elements_only_and_zeroes_the_rest():
-    adv = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+def test_flags_are_keyword_only():
+    with pytest.raises(TypeError, match="positional argument"):
+        normalize_advantage(torch.randn(3, 4), False)
+
+
+@DEVICES
+@DTYPES
+def test_mask_uses_valid_elements_only_and_zeroes_the_rest(device, dtype):
+    adv = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=dtype)
     mask = torch.ones(4, 6, dtype=torch.bool)
     mask[2:, 4:] = False
-    out = normalize_advantage(adv, mask=mask)
+    out = normalize_advantage(adv.to(device), mask=mask.to(device)).cpu()
     expected = normalize_single(adv[mask].numpy())
-    np.testing.assert_allclose(out[mask].numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(out[mask].numpy(), expected, atol=ATOL[dtype])
     assert torch.all(out[~mask] == 0)
 
 
-def test_too_few_elements_is_an_error_not_nan():
+@DEVICES
+def test_too_few_elements_is_an_error_not_nan(device):
     with pytest.raises(MettaError, match="at least 2 elements, got 1"):
-        normalize_advantage(torch.ones(1, 1))
+        normalize_advantage(torch.ones(1, 1, device=device))
 
 
 def test_bad_mask():

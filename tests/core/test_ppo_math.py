@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from metta_core.config import PPOConfig
 from metta_core.errors import MettaError
 from metta_core.ppo_math import PPOTerms, anneal_beta, ppo_minibatch_loss, prioritized_sample
+from tests.devices import FLOAT_DTYPES, get_default_devices
 from tests.reference import advantage_loop, ppo_terms, sample_probabilities
 
 
@@ -138,6 +139,20 @@ def test_prioritized_sample_matches_reference(segments, alpha, beta, zero_rows, 
     assert torch.equal(idx, expected_idx)
     assert len(set(idx.tolist())) == k and w.shape == (k, 1)
     np.testing.assert_allclose(w.numpy()[:, 0], (segments * probs[idx.numpy()]) ** -beta, rtol=1e-6)
+
+
+@pytest.mark.parametrize("device", get_default_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_prioritized_sample_on_device_weights_the_drawn_rows(device, dtype):
+    adv = torch.randn(12, 5, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    idx, w = prioritized_sample(adv.to(device), 6, prio_alpha=0.6, prio_beta=0.4,
+                                generator=torch.Generator(device=device).manual_seed(0))
+    assert idx.device.type == device.type and w.device.type == device.type
+    assert w.dtype == torch.float32  # the SPEC samples in float32 whatever the advantages' dtype
+    idx = idx.cpu().numpy()
+    assert len(set(idx.tolist())) == 6
+    probs = sample_probabilities(adv.float().numpy(), 0.6)
+    np.testing.assert_allclose(w.cpu().numpy()[:, 0], (12 * probs[idx]) ** -0.4, rtol=1e-6)
 
 
 def test_prioritized_sample_uses_global_rng_like_multinomial():
