@@ -531,7 +531,7 @@ for _fw in ("core", "torchrl"):
     cli(f"cli/{_fw}: --env NoSuchEnv-v9", "--env", "NoSuchEnv-v9", names=("--env", "NoSuchEnv-v9"), framework=_fw)
     cli(f"cli/{_fw}: --num-envs 0", "--num-envs", "0", names=("--num-envs",), framework=_fw)
     cli(f"cli/{_fw}: --hidden-size 0", "--hidden-size", "0", names=("--hidden-size",), framework=_fw)
-    cli(f"cli/{_fw}: --batch-size 96 (not num_envs*bptt_horizon*k)", "--batch-size", "96",
+    cli(f"cli/{_fw}: --batch-size 48 (not a multiple of num_envs*bptt_horizon)", "--batch-size", "48", "--minibatch-size", "16",
         names=("--batch-size",), framework=_fw)
     cli(f"cli/{_fw}: --device bogus", "--device", "bogus", names=("--device",), framework=_fw)
     cli(f"cli/{_fw}: --learning-rate -1", "--learning-rate", "-1", names=("--learning-rate",), framework=_fw)
@@ -629,22 +629,22 @@ def _resume_other_env(tmp: Path) -> list[str]:
     return train_argv(tmp, "--resume", str(_copy_checkpoint(tmp)), "--env", "Acrobot-v1", "--total-timesteps", "128")
 
 
-@case("cli: --resume a core checkpoint with another --hidden-size", "hidden_size", cli=True)
+@case("cli: --resume a core checkpoint with another --hidden-size", "--hidden-size", cli=True)
 def _resume_other_hidden(tmp: Path) -> list[str]:
     return train_argv(tmp, "--resume", str(_copy_checkpoint(tmp)), "--hidden-size", "16", "--total-timesteps", "128")
 
 
-@case("cli: --resume a core checkpoint with another --num-envs", "num_envs", cli=True)
+@case("cli: --resume a core checkpoint with another --num-envs", "--num-envs", cli=True)
 def _resume_other_envs(tmp: Path) -> list[str]:
     return train_argv(tmp, "--resume", str(_copy_checkpoint(tmp)), "--num-envs", "4", "--total-timesteps", "128")
 
 
-@case("cli: --resume a core checkpoint with --framework torchrl", "framework", cli=True)
+@case("cli: --resume a core checkpoint with --framework torchrl", "--framework", cli=True)
 def _resume_core_as_torchrl(tmp: Path) -> list[str]:
     return train_argv(tmp, "--resume", str(_copy_checkpoint(tmp)), "--total-timesteps", "128", framework="torchrl")
 
 
-@case("cli: --resume a torchrl checkpoint with --framework core", "framework", cli=True)
+@case("cli: --resume a torchrl checkpoint with --framework core", "--framework", cli=True)
 def _resume_torchrl_as_core(tmp: Path) -> list[str]:
     return train_argv(tmp, "--resume", str(_copy_checkpoint(tmp, "torchrl")), "--total-timesteps", "128")
 
