@@ -7,6 +7,9 @@ traceback. A case is *silent* when nothing is raised (or the CLI exits 0), *uncl
 
 ``pytest tests/test_bad_inputs.py`` asserts every case is clear; ``python -m tests.test_bad_inputs``
 prints the clear / unclear / silent counts and each case that is not clear.
+
+Counts of these 167 cases: on the code before issue 16's fixes (commit 3ea23be) 70 clear, 56
+unclear, 41 silent (argparse's own usage errors count as unclear: several lines); after: 167 clear.
 """
 
 from __future__ import annotations

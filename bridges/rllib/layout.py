@@ -139,9 +139,9 @@ def check_metta_batch(batch: Mapping[str, Any], horizon: int, *, where: str, min
         raise MettaError(problem)
     if summary[-1] < min_valid:
         raise MettaError(
-            f"{where}: column {Columns.LOSS_MASK!r} marks {int(summary[-1])} of {n} slots valid, but the advantage "
-            f"normalization needs at least {min_valid}; the mask must be True on every step that carries an "
-            f"action ({_FIX}), or set norm_adv=False"
+            f"{where}: column {Columns.LOSS_MASK!r} marks {int(summary[-1])} of {n} slots valid, but the standard "
+            f"deviation of the advantage normalization needs at least {min_valid} elements; the mask must be True on "
+            f"every step that carries an action ({_FIX}), or set norm_adv=False"
         )
     return n // horizon
 
