@@ -115,7 +115,8 @@ class ActorCritic(nn.Module):
             action = action.reshape(-1, *self.action_shape)
         try:
             log_prob = dist.log_prob(action)
-        except ValueError as exc:  # torch's support check: an action outside the action space
+        except (ValueError, RuntimeError, IndexError) as exc:  # outside the space: torch's support check, or
+            # an index error when another library switched distribution validation off
             raise MettaError(
                 f"ActorCritic: the action {tuple(action.shape)} is outside the action space ({exc}); pass actions "
                 f"sampled from this policy's action space"
