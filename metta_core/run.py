@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-
 from pydantic import ValidationError
 
 from metta_core.config import ADAM_EPS, PPOConfig, TrainerConfig
