@@ -7,6 +7,7 @@ terminal flag of the step that ended the previous episode, exactly Metta's buffe
 
 from __future__ import annotations
 
+import importlib
 import pickle
 from typing import Protocol
 
@@ -35,9 +36,19 @@ class TrainingEnvironment(Protocol):
 
 
 def check_env_id(env_id: str, who: str = "env") -> None:
-    """Raise ``MettaError`` unless ``env_id`` is a registered gymnasium env id (gymnasium's reason included)."""
+    """Raise ``MettaError`` unless ``env_id`` is a registered gymnasium env id (gymnasium's reason
+    included). As in ``gym.make``, ``"module:EnvName-v0"`` first imports ``module`` (which registers it)."""
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise MettaError(
+                f"{who} {env_id!r}: cannot import {module!r}, the module that should register {name!r} ({exc}); "
+                f"install it or fix the module name"
+            ) from None
     try:
-        gym.spec(env_id)
+        gym.spec(name)
     except gym.error.Error as exc:
         raise MettaError(
             f"{who} {env_id!r} is not a registered gymnasium env id ({exc}); use an id such as CartPole-v1 "
