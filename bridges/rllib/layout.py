@@ -148,10 +148,10 @@ def check_metta_batch(batch: Mapping[str, Any], horizon: int, *, where: str, min
 
 def check_module_inputs(batch: Mapping[str, torch.Tensor], module, *, where: str) -> None:
     """``Columns.OBS`` and ``Columns.ACTIONS`` against ``module``'s spaces, before the module runs:
-    observation dtype float32 and per-slot shape, action per-slot shape and, for ``Discrete``, range.
+    observation dtype float32 and per-slot shape, and for ``Discrete`` the actions' range.
 
-    Without it a wrong observation is a raw torch matmul error and a wrong action a ``new_logprob``
-    shape error. Run once per training phase (the range check is one reduction).
+    Without it a wrong observation is a raw torch matmul error and an out-of-range action a raw index
+    error. Run once per training phase (the range check is one reduction).
     """
     obs, actions = batch.get(Columns.OBS), batch.get(Columns.ACTIONS)
     if not (isinstance(obs, torch.Tensor) and isinstance(actions, torch.Tensor)):
@@ -166,13 +166,7 @@ def check_module_inputs(batch: Mapping[str, torch.Tensor], module, *, where: str
         raise MettaError(
             f"{where}: column {Columns.OBS!r} has dtype {obs.dtype}, the module computes in float32; convert with .float()"
         )
-    if act_space is None:
-        return
-    if tuple(actions.shape[1:]) != tuple(act_space.shape):
-        raise MettaError(
-            f"{where}: column {Columns.ACTIONS!r} has shape {tuple(actions.shape)}, expected (slots, "
-            f"{', '.join(map(str, act_space.shape))}) for the module's action space {act_space}"
-        )
+    # the actions' shape is checked against the distribution by the loss (bridges.rllib.loss.check_action_shape)
     if isinstance(act_space, gym.spaces.Discrete) and actions.numel():
         low, high = torch.stack([actions.min(), actions.max()]).tolist()
         if low < act_space.start or high >= act_space.start + act_space.n:
