@@ -4,6 +4,9 @@
     metta-bridges train --framework torchrl --seed 1 --save-checkpoint runs/ckpt.pt
     metta-bridges train --framework rllib --num-learners 2
     metta-bridges train --framework rllib --address 127.0.0.1:6379 --num-env-runners 2
+
+A user error (a bad flag value, an unusable path, a checkpoint that does not fit) ends with one line
+on stderr and exit status 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import dataclasses
 import importlib
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Sequence, get_type_hints
+
+import gymnasium as gym
 
 from metta_core.errors import MettaError
 from metta_core.run import TrainArgs
@@ -32,8 +38,19 @@ passed to its ``train(args, settings)``."""
 __all__ = ["TrainArgs", "main", "parse_framework_settings", "parse_train_args"]
 
 
+USER_ERRORS = (MettaError, ValueError, gym.error.Error)
+"""Exceptions that are the user's input (reported in one line, exit 2), not a bug (a traceback)."""
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keep the examples in the description as written and show every default."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` with a one-line error (no usage block): ``prog: error: message (see prog --help)``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -88,6 +105,13 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     for framework in FRAMEWORK_SETTINGS:
         group = p.add_argument_group(f"{framework} settings", f"read only with --framework {framework}")
         _add_fields(group, _framework_settings(framework), dest_prefix=f"{framework}__")
+    add_debug_flag(p)
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on a subcommand (``metta-bridges --debug train`` works too)."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of one line")
 
 
 def parse_train_args(ns: argparse.Namespace) -> TrainArgs:
@@ -118,7 +142,8 @@ def parse_framework_settings(ns: argparse.Namespace, framework: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metta-bridges", description="Metta's PPO in the core, TorchRL and RLlib.")
+    parser = ArgumentParser(prog="metta-bridges", description="Metta's PPO in the core, TorchRL and RLlib.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
     importlib.import_module("bridges.conformance.cli").add_parser(sub)
@@ -132,15 +157,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return importlib.import_module("bridges.conformance.cli").run(ns)
         if ns.command == "train":
             args = parse_train_args(ns)
-            args.ppo_config()  # validate overrides before anything starts
             settings = parse_framework_settings(ns, args.framework)
             trainer = importlib.import_module(FRAMEWORK_TRAINERS[args.framework])
+            # every trainer starts with metta_core.run.preflight(args): nothing runs before the checks
             summary = trainer.train(args) if settings is None else trainer.train(args, settings)
             print(json.dumps(summary, indent=2, default=str))
             return 0
-    except (MettaError, ValueError) as exc:
-        print(f"metta-bridges: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        if ns.debug:
+            traceback.print_exc()
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"metta-bridges: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("metta-bridges: interrupted", file=sys.stderr)
+        return 130
     return 1
 
 

@@ -9,6 +9,7 @@ that followed ``a_t``), which RLlib and TorchRL store at index ``t``. Column 0 o
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -63,6 +64,71 @@ def _check_advantage_inputs(values: Tensor, rewards: Tensor, dones: Tensor, rati
         raise MettaError(f"compute_advantage: dones must be bool or float, got {dones.dtype}")
 
 
+def _check_hyperparameters(gamma: float, gae_lambda: float, rho_clip: float, c_clip: float) -> None:
+    for name, value, low, high in (("gamma", gamma, 0.0, 1.0), ("gae_lambda", gae_lambda, 0.0, 1.0)):
+        if not low <= value <= high:
+            raise MettaError(f"compute_advantage: {name} must be in [{low:g}, {high:g}], got {value!r}")
+    for name, value in (("rho_clip", rho_clip), ("c_clip", c_clip)):
+        if not value > 0:
+            raise MettaError(f"compute_advantage: {name} must be > 0 (a V-trace truncation level), got {value!r}")
+
+
+def flag_violation(dones: Tensor) -> Tensor:
+    """``sum |d * (1 - d)|``: 0 when every flag is 0 or 1, positive otherwise, NaN for a NaN flag.
+
+    A scalar to stack into a caller's one fused check (bool flags are always valid: 0).
+    """
+    if not dones.is_floating_point():
+        return torch.zeros((), device=dones.device)
+    d = dones.detach()
+    return (d * (1 - d)).abs().sum()
+
+
+def flag_problem(dones: Tensor, name: str, who: str) -> str | None:
+    """The error message for terminal flags outside {0, 1} (or NaN), ``None`` if they are fine."""
+    if not dones.is_floating_point():
+        return None
+    d = dones.detach()
+    bad = ~((d == 0) | (d == 1))
+    if not bool(bad.any()):
+        return None
+    examples = sorted({float(v) for v in d[bad].flatten()[:20].tolist()}, key=str)[:5]
+    return (
+        f"{who}: {name} holds {int(bad.sum())} value(s) that are not terminal flags (0 or 1), e.g. {examples}; "
+        f"pass the env's terminated flags as 0/1 (or bool), e.g. {name} = terminated.float()"
+    )
+
+
+def _check_advantage_values(values: Tensor, rewards: Tensor, dones: Tensor, ratio: Tensor, out: Tensor) -> None:
+    """One fused reduction over inputs and result; a per-tensor diagnosis only when it finds something."""
+    named = {"values": values, "rewards": rewards, "importance_sampling_ratio": ratio}
+    parts = [x.detach().sum() for x in named.values()]
+    parts += [flag_violation(dones), (ratio.detach() < 0).sum().float(), out.sum()]
+    summary = torch.stack(parts).tolist()
+    if all(map(math.isfinite, summary)) and summary[-3] == 0 and summary[-2] == 0:
+        return
+    for name, x in named.items():
+        if not bool(torch.isfinite(x).all()):
+            raise MettaError(
+                f"compute_advantage: {name} holds {int((~torch.isfinite(x)).sum())} non-finite value(s) (NaN or inf); "
+                f"check the environment / network that produced {name}"
+            )
+    problem = flag_problem(dones, "dones", "compute_advantage")
+    if problem:
+        raise MettaError(problem)
+    if summary[-2]:
+        raise MettaError(
+            f"compute_advantage: importance_sampling_ratio holds {int(summary[-2])} negative value(s); a ratio "
+            f"pi/mu is >= 0: pass exp(new_logprob - old_logprob)"
+        )
+    if not bool(torch.isfinite(out).all()):
+        raise MettaError(
+            f"compute_advantage: the advantage overflows float32 although every input is finite (max |rewards| = "
+            f"{float(rewards.abs().max()):.3g}, max |values| = {float(values.abs().max()):.3g}); scale the rewards "
+            f"down (e.g. divide them by a constant) or check the environment"
+        )
+
+
 def _use_compiled(values: Tensor) -> bool:
     global _warned_fallback
     if values.device.type != "cpu":
@@ -74,7 +140,7 @@ def _use_compiled(values: Tensor) -> bool:
             f"metta_core.advantage: numba is unavailable ({_NUMBA_IMPORT_ERROR}); using the pure-torch "
             f"scan on CPU, which is several times slower. Install numba to get the compiled kernel.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         _warned_fallback = True
     return False
@@ -91,6 +157,7 @@ def compute_advantage(
     gae_lambda: float,
     rho_clip: float = 1.0,
     c_clip: float = 1.0,
+    check_values: bool = True,
 ) -> Tensor:
     """V-trace-clipped GAE ("puff advantage", SPEC §2); returns a new tensor, never tracks grad.
 
@@ -107,11 +174,28 @@ def compute_advantage(
     With ``w == 1`` and clips >= 1 this is GAE(lambda) on rewards shifted by one column.
     CPU tensors use a compiled kernel (bit-identical to the sequential float32 loop); other
     devices (and CPU without numba, or ``METTA_ADVANTAGE_BACKEND=torch``) use a log-depth scan.
+
+    Shapes, dtypes and hyperparameter ranges are always checked; with ``check_values`` (the
+    default) also, in one fused reduction, that the inputs are finite, ``dones`` are 0/1 flags,
+    the ratio is >= 0 and the result did not overflow. ``ppo_minibatch_loss`` passes ``False``
+    because it checks the same tensors in its own single reduction.
     """
     _check_advantage_inputs(values, rewards, dones, importance_sampling_ratio)
-    dones = dones.to(torch.float32)
+    _check_hyperparameters(gamma, gae_lambda, rho_clip, c_clip)
     if values.numel() == 0:
         return torch.zeros_like(values)
+    out = _advantage(values, rewards, dones.to(torch.float32), importance_sampling_ratio,
+                     gamma, gae_lambda, rho_clip, c_clip)
+    if check_values:
+        _check_advantage_values(values, rewards, dones, importance_sampling_ratio, out)
+    return out
+
+
+def _advantage(
+    values: Tensor, rewards: Tensor, dones: Tensor, importance_sampling_ratio: Tensor,
+    gamma: float, gae_lambda: float, rho_clip: float, c_clip: float,
+) -> Tensor:
+    """The kernel call of ``compute_advantage`` (inputs already checked, ``dones`` float32)."""
     if _use_compiled(values):
         arrays = [x.detach().contiguous() for x in (values, rewards, dones, importance_sampling_ratio)]
         out = torch.empty_like(arrays[0])
@@ -172,6 +256,12 @@ def normalize_advantage(
         var = total_sq / count - mean**2
         std = torch.sqrt(var.clamp(min=1e-8))
     else:
+        if valid.numel() < 2 and mask is not None:
+            raise MettaError(
+                f"normalize_advantage: the mask selects {valid.numel()} of {adv.numel()} elements, but the "
+                f"standard deviation needs at least 2 elements; a minibatch needs at least 2 valid (mask True) "
+                f"slots: check the loss mask, or set norm_adv=False"
+            )
         if valid.numel() < 2:
             raise MettaError(
                 f"normalize_advantage: the standard deviation needs at least 2 elements, got "

@@ -116,7 +116,9 @@ class PPOConfig(Config):
     l2_init_loss_coef: float = Field(default=0.0, ge=0, description="Accepted and unused, as in Metta.")
     norm_adv: bool = Field(default=True, description="Normalize advantages per minibatch (SPEC §3).")
     clip_vloss: bool = Field(default=True, description="Use the clipped value loss.")
-    target_kl: float | None = Field(default=None, description="Stop the phase when mean approx_kl exceeds it.")
+    target_kl: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Stop the phase when mean approx_kl exceeds it (> 0; None: never)."
+    )
     vtrace: VTraceConfig = Field(default_factory=VTraceConfig, description="V-trace clips.")
     prioritized_experience_replay: PrioritizedExperienceReplayConfig = Field(
         default_factory=PrioritizedExperienceReplayConfig, description="Segment prioritization."

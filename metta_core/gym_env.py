@@ -7,11 +7,14 @@ terminal flag of the step that ended the previous episode, exactly Metta's buffe
 
 from __future__ import annotations
 
+import importlib
 import pickle
 from typing import Protocol
 
 import gymnasium as gym
 import numpy as np
+
+from metta_core.errors import MettaError
 
 
 class TrainingEnvironment(Protocol):
@@ -32,10 +35,34 @@ class TrainingEnvironment(Protocol):
         ...
 
 
+def check_env_id(env_id: str, who: str = "env") -> None:
+    """Raise ``MettaError`` unless ``env_id`` is a registered gymnasium env id (gymnasium's reason
+    included). As in ``gym.make``, ``"module:EnvName-v0"`` first imports ``module`` (which registers it)."""
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise MettaError(
+                f"{who} {env_id!r}: cannot import {module!r}, the module that should register {name!r} ({exc}); "
+                f"install it or fix the module name"
+            ) from None
+    try:
+        gym.spec(name)
+    except gym.error.Error as exc:
+        raise MettaError(
+            f"{who} {env_id!r} is not a registered gymnasium env id ({exc}); use an id such as CartPole-v1 "
+            f"(list them with gymnasium.pprint_registry()), or import the package that registers it"
+        ) from None
+
+
 class GymVectorEnvironment:
     """``num_envs`` copies of a gymnasium env stepped synchronously; every copy is one agent."""
 
     def __init__(self, env_id: str, num_envs: int, seed: int, **make_kwargs) -> None:
+        check_env_id(env_id)
+        if num_envs < 1:
+            raise MettaError(f"GymVectorEnvironment: num_envs must be >= 1, got {num_envs}")
         self.env_id = env_id
         self.envs = gym.make_vec(
             env_id,

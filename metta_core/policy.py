@@ -95,6 +95,11 @@ class ActorCritic(nn.Module):
 
     def forward(self, td: TensorDict, action: Tensor | None = None) -> TensorDict:
         obs = td[OBS_KEY]
+        if tuple(obs.shape[obs.dim() - len(self.obs_shape):]) != self.obs_shape or obs.dim() < len(self.obs_shape):
+            raise MettaError(
+                f"ActorCritic: td[{OBS_KEY!r}] has shape {tuple(obs.shape)}, expected (*batch, {', '.join(map(str, self.obs_shape))}) "
+                f"for the observation space of shape {self.obs_shape}; check the env or the policy's observation space"
+            )
         batch = obs.shape[: obs.dim() - len(self.obs_shape)]
         flat_obs = obs.reshape(-1, int(np.prod(self.obs_shape))).float()
         dist = self.distribution(flat_obs)
@@ -102,8 +107,21 @@ class ActorCritic(nn.Module):
             action = dist.sample()
             td["actions"] = action.reshape(*batch, *self.action_shape)
         else:
+            if tuple(action.shape) != (*batch, *self.action_shape):
+                raise MettaError(
+                    f"ActorCritic: action has shape {tuple(action.shape)}, expected {(*batch, *self.action_shape)} "
+                    f"(the observation batch {tuple(batch)} times the action space's shape {self.action_shape})"
+                )
             action = action.reshape(-1, *self.action_shape)
-        td["act_log_prob"] = dist.log_prob(action).reshape(batch)
+        try:
+            log_prob = dist.log_prob(action)
+        except (ValueError, RuntimeError, IndexError) as exc:  # outside the space: torch's support check, or
+            # an index error when another library switched distribution validation off
+            raise MettaError(
+                f"ActorCritic: the action {tuple(action.shape)} is outside the action space ({exc}); pass actions "
+                f"sampled from this policy's action space"
+            ) from None
+        td["act_log_prob"] = log_prob.reshape(batch)
         td["entropy"] = dist.entropy().reshape(batch)
         td["values"] = self.critic(flat_obs).reshape(batch)
         return td

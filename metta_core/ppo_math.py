@@ -6,13 +6,14 @@ Minibatch tensors are ``[mb, horizon]`` rows in Metta's layout (SPEC §1).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from metta_core.advantage import compute_advantage, normalize_advantage
+from metta_core.advantage import compute_advantage, flag_problem, flag_violation, normalize_advantage
 from metta_core.config import PPOConfig
 from metta_core.errors import MettaError
 
@@ -205,20 +206,61 @@ def clip_fraction(ratio_t: Tensor, *, clip_coef: float, mean: Mean = torch.mean)
 # -- one minibatch -------------------------------------------------------------------------------
 
 def _check_minibatch(named: dict[str, Tensor], shape: torch.Size) -> None:
+    """Types and shapes (no device sync)."""
     for name, x in named.items():
         if not isinstance(x, Tensor):
             raise MettaError(f"ppo_minibatch_loss: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if len(shape) != 2 or shape.numel() == 0:
+        raise MettaError(
+            f"ppo_minibatch_loss: values must be a non-empty [minibatch_segments, horizon] tensor, got shape "
+            f"{tuple(shape)}; reshape flat data to [segments, horizon] rows"
+        )
+    for name, x in named.items():
         if x.shape != shape:
             raise MettaError(
                 f"ppo_minibatch_loss: {name} has shape {tuple(x.shape)}, expected {tuple(shape)} "
                 f"([minibatch_segments, horizon], the shape of values)"
             )
-    if len(shape) != 2 or shape.numel() == 0:
-        raise MettaError(f"ppo_minibatch_loss: values must be a non-empty [mb, horizon] tensor, got {tuple(shape)}")
-    finite = torch.stack([torch.isfinite(x.detach()).all() for x in named.values()])
-    if not bool(finite.all()):
-        bad = [name for name, ok in zip(named, finite.tolist()) if not ok]
-        raise MettaError(f"ppo_minibatch_loss: non-finite values (NaN or inf) in {', '.join(bad)}")
+
+
+def _check_values(named: dict[str, Tensor], prio_weights: Tensor | None, loss: Tensor) -> None:
+    """Every input finite, ``dones`` 0/1, ``prio_weights`` finite and > 0, and the loss finite, in ONE
+    fused reduction (one device sync per minibatch); the per-tensor diagnosis runs only on failure.
+
+    A sum is finite unless an element is NaN/inf or the sum overflows; an overflowing sum of finite
+    inputs with a finite loss is harmless, so it passes after the diagnosis finds nothing.
+    """
+    parts = [x.detach().sum() for x in named.values()]
+    parts.append(flag_violation(named["dones"]))
+    if prio_weights is not None:
+        parts += [prio_weights.detach().sum(), (prio_weights.detach() <= 0).sum().to(parts[0].dtype)]
+    parts.append(loss.detach())
+    summary = torch.stack([p.to(torch.float32) for p in parts]).tolist()
+    flags_ok = summary[len(named)] == 0
+    prio_ok = prio_weights is None or summary[-2] == 0
+    if all(map(math.isfinite, summary)) and flags_ok and prio_ok:
+        return
+    bad = [name for name, x in named.items() if not bool(torch.isfinite(x.detach()).all())]
+    if bad:
+        raise MettaError(
+            f"ppo_minibatch_loss: non-finite values (NaN or inf) in {', '.join(bad)}; the loss would be NaN. "
+            f"Check the environment / network that produced {bad[0]}"
+        )
+    problem = flag_problem(named["dones"], "dones", "ppo_minibatch_loss")
+    if problem:
+        raise MettaError(problem)
+    if prio_weights is not None and not bool((torch.isfinite(prio_weights) & (prio_weights > 0)).all()):
+        raise MettaError(
+            f"ppo_minibatch_loss: prio_weights must be finite and > 0 (importance weights (segments * p) ** -beta), "
+            f"got min {float(prio_weights.min())}; pass the weights prioritized_sample returns"
+        )
+    if not math.isfinite(summary[-1]):
+        scales = {name: float(named[name].detach().abs().max()) for name in ("rewards", "values", "advantages", "new_values")}
+        raise MettaError(
+            f"ppo_minibatch_loss: the loss is {summary[-1]} although every input is finite: the numbers overflow "
+            f"float32 (max |x|: " + ", ".join(f"{k} {v:.3g}" for k, v in scales.items()) + "); scale the rewards "
+            f"down (e.g. divide them by a constant) or check the environment / value network"
+        )
 
 
 def ppo_minibatch_loss(
@@ -250,6 +292,10 @@ def ppo_minibatch_loss(
     With a boolean ``mask`` (padding), means and the normalization statistics run over its
     elements only; with no valid element every term is a zero still connected to the graph (so a
     learner with an empty shard makes the same backward and collective calls as the others).
+
+    Checked (``MettaError`` naming the argument): types and shapes; then, in one fused reduction
+    after the computation, that every input is finite, ``dones`` are 0/1 flags, ``prio_weights``
+    are > 0 and the loss did not overflow float32.
     """
     named = {
         "old_logprob": old_logprob, "new_logprob": new_logprob, "entropy": entropy,
@@ -257,12 +303,20 @@ def ppo_minibatch_loss(
         "advantages": advantages,
     }
     _check_minibatch(named, values.shape)
+    if prio_weights is not None and not isinstance(prio_weights, Tensor):
+        raise MettaError(f"ppo_minibatch_loss: prio_weights must be a torch.Tensor or None, got {type(prio_weights).__name__}")
     if prio_weights is not None and prio_weights.shape not in ((values.shape[0], 1), values.shape):
         raise MettaError(
             f"ppo_minibatch_loss: prio_weights has shape {tuple(prio_weights.shape)}, expected "
             f"({values.shape[0]}, 1) (one weight per segment) or {tuple(values.shape)}"
         )
 
+    if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != values.shape):
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise MettaError(
+            f"ppo_minibatch_loss: mask must be a bool tensor of shape {tuple(values.shape)} (True = a valid slot), "
+            f"got {got}; convert it with mask.bool()"
+        )
     count = values.numel() if mask is None else int(mask.sum())
 
     def mean(x: Tensor) -> Tensor:
@@ -276,6 +330,7 @@ def ppo_minibatch_loss(
     adv = compute_advantage(
         values, rewards, dones, ratio,
         gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, rho_clip=vtrace.rho_clip, c_clip=vtrace.c_clip,
+        check_values=False,  # checked below with everything else, in one reduction
     )
     adv = normalize_advantage(adv, enabled=cfg.norm_adv, mask=mask)
     if prio_weights is not None:
@@ -289,6 +344,7 @@ def ppo_minibatch_loss(
     entropy_term = cfg.ent_coef * neg_entropy
     value_term = cfg.vf_coef * value_loss
     loss = policy_loss + entropy_term + value_term
+    _check_values(named, prio_weights, loss)
 
     with torch.no_grad():
         importance = mean(ratio)

@@ -50,6 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="regenerate the canonical case files (those of --case, else all) in the cases directory "
                         "before running")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from bridges.cli import add_debug_flag
+
+    add_debug_flag(p)
     return p
 
 
@@ -59,13 +62,24 @@ def run(ns: argparse.Namespace) -> int:
 
     from bridges.conformance import cases, report
     from metta_core.errors import MettaError
+    from metta_core.run import require_writable_dir
 
     directory = ns.cases_dir or cases.CASES_DIR
     try:
+        for path, flag in _output_paths(ns):  # pre-flight: no run ends unable to write its report
+            if path.is_dir():
+                raise MettaError(f"{flag}: {path} is a directory; give a file path")
+            require_writable_dir(path.parent, flag, what=f"the folder of {path}")
+        if ns.cases_dir is not None and not ns.regenerate and not ns.cases_dir.is_dir():
+            raise MettaError(f"--cases-dir {ns.cases_dir} is not a folder; give the folder of <name>.json/.npz cases")
         if ns.regenerate:
             cases.generate(directory, ns.cases)
         if ns.cases:
             paths = cases.case_paths(directory, ns.cases)
+            unknown = [p.stem for p in paths if not p.exists()]
+            if unknown:
+                known = sorted(p.stem for p in cases.case_paths(directory))
+                raise MettaError(f"--case {', '.join(unknown)}: no such case in {directory}; known cases: {', '.join(known)}")
         else:
             paths = cases.case_paths(directory)
             quick = set(cases.quick_names())
@@ -97,6 +111,19 @@ def run(ns: argparse.Namespace) -> int:
         written.append(path)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0 if all(r.passed for r in results) and native_ok else 1
+
+
+def _output_paths(ns: argparse.Namespace) -> list[tuple[Path, str]]:
+    """The files this run writes (the same defaults as below), each with the flag that chose it:
+    report.json, report.md, heatmap.png, and native.md with ``--native``."""
+    def chosen(value: Path | None, default: str, name: str) -> tuple[Path, str]:
+        return (value, name) if value is not None else (ns.out_dir / default, "--out-dir")
+
+    paths = [chosen(ns.json, "report.json", "--json"), chosen(ns.markdown, "report.md", "--markdown"),
+             chosen(ns.heatmap, "heatmap.png", "--heatmap")]
+    if ns.native:
+        paths.append(chosen(ns.native_markdown, "native.md", "--native-markdown"))
+    return paths
 
 
 NATIVE_CASES = ("defaults_discrete_mlp", "continuous_mlp")

@@ -41,6 +41,7 @@ the learner pipeline), ``learner_class=MettaPPOLearner``. The learning rate stay
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import ValidationError
@@ -156,6 +157,9 @@ def metta_settings(config) -> tuple[PPOConfig, TrainerConfig]:
         )
     ppo = _validated("PPOConfig", lambda: PPOConfig.model_validate(stored["ppo"]))
     _refuse_unsupported(config)
+    lr = config.lr
+    if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr > 0):
+        raise MettaError(f"config.lr must be a finite learning rate > 0, got {lr!r}; set config.training(lr=...)")
     for metta, rllib in _OVERLAP:
         if getattr(config, rllib) != getattr(ppo, metta):
             raise MettaError(

@@ -31,9 +31,11 @@ zero on masked slots); ``Columns.VF_PREDS`` the values of the module before the 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any, Mapping
 
+import gymnasium as gym
 import numpy as np
 import torch
 from ray.rllib.connectors.connector_v2 import ConnectorV2
@@ -42,7 +44,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.utils.annotations import override
 
-from metta_core.advantage import compute_advantage
+from metta_core.advantage import compute_advantage, flag_problem, flag_violation
 from metta_core.config import PPOConfig
 from metta_core.errors import MettaError
 
@@ -74,12 +76,15 @@ _FIX = (
 )
 
 
-def check_metta_batch(batch: Mapping[str, Any], horizon: int, *, where: str) -> int:
+def check_metta_batch(batch: Mapping[str, Any], horizon: int, *, where: str, min_valid: int = 0) -> int:
     """Check a Metta-layout batch; return its number of segments.
 
     Every column of ``LAYOUT_COLUMNS`` must be a tensor whose first dimension is
-    ``segments * horizon``; float columns float32 and finite; ``Columns.LOSS_MASK`` bool.
-    Raises ``MettaError`` naming the column, what it got, what was expected and the fix.
+    ``segments * horizon``; float columns float32 and finite; ``Columns.TERMINATEDS`` 0/1 flags;
+    ``Columns.LOSS_MASK`` bool with at least ``min_valid`` True slots (2 for a minibatch whose
+    advantages are normalized on one learner). The value checks are one fused reduction (one
+    device sync; the loss runs this per minibatch). Raises ``MettaError`` naming the column,
+    what it got, what was expected and the fix.
     """
     missing = [c for c in LAYOUT_COLUMNS if c not in batch]
     if missing:
@@ -107,21 +112,68 @@ def check_metta_batch(batch: Mapping[str, Any], horizon: int, *, where: str) -> 
             f"[segments, horizon] rows flattened; {_FIX}"
         )
     for col in _FLOAT_COLUMNS:
-        x = batch[col]
-        if x.dtype != torch.float32:
-            raise MettaError(f"{where}: column {col!r} must be float32, got {x.dtype}; convert with .float()")
-        if not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            raise MettaError(
-                f"{where}: column {col!r} has {bad} non-finite value(s) (NaN or inf); fix the environment or "
-                f"wrap it to emit finite {col}"
-            )
-    if batch[Columns.LOSS_MASK].dtype != torch.bool:
-        raise MettaError(f"{where}: column {Columns.LOSS_MASK!r} must be bool, got {batch[Columns.LOSS_MASK].dtype}")
+        if batch[col].dtype != torch.float32:
+            raise MettaError(f"{where}: column {col!r} must be float32, got {batch[col].dtype}; convert with .float()")
+    mask = batch[Columns.LOSS_MASK]
+    if mask.dtype != torch.bool:
+        raise MettaError(
+            f"{where}: column {Columns.LOSS_MASK!r} must be bool (True = a trained slot), got {mask.dtype}; "
+            f"convert with .bool()"
+        )
     dones = batch[Columns.TERMINATEDS]
     if not (dones.dtype == torch.bool or dones.is_floating_point()):
         raise MettaError(f"{where}: column {Columns.TERMINATEDS!r} must be bool or float, got {dones.dtype}")
+    parts = [batch[col].sum() for col in _FLOAT_COLUMNS] + [flag_violation(dones), mask.sum().to(torch.float32)]
+    summary = torch.stack([p.detach().to(torch.float32) for p in parts]).tolist()
+    if all(map(math.isfinite, summary[:-1])) and summary[-2] == 0 and summary[-1] >= min_valid:
+        return n // horizon
+    for col in _FLOAT_COLUMNS:
+        x = batch[col]
+        if not bool(torch.isfinite(x).all()):
+            raise MettaError(
+                f"{where}: column {col!r} has {int((~torch.isfinite(x)).sum())} non-finite value(s) (NaN or inf); "
+                f"fix the environment or wrap it to emit finite {col}"
+            )
+    problem = flag_problem(dones, f"column {Columns.TERMINATEDS!r}", where)
+    if problem:
+        raise MettaError(problem)
+    if summary[-1] < min_valid:
+        raise MettaError(
+            f"{where}: column {Columns.LOSS_MASK!r} marks {int(summary[-1])} of {n} slots valid, but the standard "
+            f"deviation of the advantage normalization needs at least {min_valid} elements; the mask must be True on "
+            f"every step that carries an action ({_FIX}), or set norm_adv=False"
+        )
     return n // horizon
+
+
+def check_module_inputs(batch: Mapping[str, torch.Tensor], module, *, where: str) -> None:
+    """``Columns.OBS`` and ``Columns.ACTIONS`` against ``module``'s spaces, before the module runs:
+    observation dtype float32 and per-slot shape, and for ``Discrete`` the actions' range.
+
+    Without it a wrong observation is a raw torch matmul error and an out-of-range action a raw index
+    error. Run once per training phase (the range check is one reduction).
+    """
+    obs, actions = batch.get(Columns.OBS), batch.get(Columns.ACTIONS)
+    if not (isinstance(obs, torch.Tensor) and isinstance(actions, torch.Tensor)):
+        return  # check_metta_batch names the missing or mistyped column
+    obs_space, act_space = module.observation_space, module.action_space
+    if obs_space is not None and tuple(obs.shape[1:]) != tuple(obs_space.shape):
+        raise MettaError(
+            f"{where}: column {Columns.OBS!r} has shape {tuple(obs.shape)}, expected (slots, "
+            f"{', '.join(map(str, obs_space.shape))}) for the module's observation space {obs_space}"
+        )
+    if obs.is_floating_point() and obs.dtype != torch.float32:
+        raise MettaError(
+            f"{where}: column {Columns.OBS!r} has dtype {obs.dtype}, the module computes in float32; convert with .float()"
+        )
+    # the actions' shape is checked against the distribution by the loss (bridges.rllib.loss.check_action_shape)
+    if isinstance(act_space, gym.spaces.Discrete) and actions.numel():
+        low, high = torch.stack([actions.min(), actions.max()]).tolist()
+        if low < act_space.start or high >= act_space.start + act_space.n:
+            raise MettaError(
+                f"{where}: column {Columns.ACTIONS!r} holds actions in [{low}, {high}], outside the module's action "
+                f"space {act_space} ({act_space.start}..{act_space.start + act_space.n - 1})"
+            )
 
 
 def _episode_arrays(episode) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -42,7 +42,9 @@ from ray.rllib.utils.metrics import DIFF_NUM_GRAD_UPDATES_VS_SAMPLER_POLICY, WEI
 from ray.rllib.utils.typing import ModuleID
 
 from bridges.rllib.config import metta_settings
-from bridges.rllib.layout import LAYOUT_COLUMNS, MettaColumns, MettaLayoutConnector, check_metta_batch, empty_slots
+from bridges.rllib.layout import (
+    LAYOUT_COLUMNS, MettaColumns, MettaLayoutConnector, check_metta_batch, check_module_inputs, empty_slots,
+)
 from bridges.rllib.loss import metta_module_loss, rllib_stats
 from metta_core.config import ADAM_EPS
 from metta_core.errors import MettaError
@@ -167,6 +169,8 @@ class MettaPPOLearner(TorchLearner):
                 module = self.module[module_id].unwrapped()
                 connector = MettaLayoutConnector(ppo=self._metta_ppo, horizon=self._metta_trainer.bptt_horizon)
                 module_batch = connector.finish(module, empty_slots(module, 0))
+            check_module_inputs(module_batch, self.module[module_id].unwrapped(),
+                                where=f"MettaPPOLearner.update (module {module_id!r})")
             self._train_phase(module_id, dict(module_batch))
         self._log_steps_trained_metrics(ma_batch)
         self._metta_epoch += 1

@@ -72,7 +72,9 @@ def metta_loss_terms(
             f"Metta's PPO loss needs an RLModule implementing ValueFunctionAPI (compute_values); "
             f"{type(module).__name__} does not"
         )
-    check_metta_batch(batch, horizon, where="Metta PPO loss")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    # one learner normalizes over its own valid slots: it needs 2 (several learners pool theirs)
+    check_metta_batch(batch, horizon, where="Metta PPO loss", min_valid=2 if ppo.norm_adv and not distributed else 0)
     if Columns.ACTION_DIST_INPUTS not in fwd_out:
         raise MettaError(
             f"Metta PPO loss: forward_train output has no {Columns.ACTION_DIST_INPUTS!r} (got {sorted(fwd_out)}); "

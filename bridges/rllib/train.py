@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from bridges.rllib.config import metta_ppo_config
 from bridges.rllib.module import OrthogonalInitPPOModule
 from bridges.rllib.settings import RLlibSettings
 from metta_core.errors import MettaError
-from metta_core.run import ReturnTracker, TrainArgs, drive
+from metta_core.run import ReturnTracker, TrainArgs, checkpoint_header, drive, preflight, verify_header
 
 LEARNER_KEYS = (
     "policy_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "importance", "current_logprobs",
@@ -126,13 +128,36 @@ def build_native_config(args: TrainArgs, settings: RLlibSettings | None = None):
 RETURNS_FILE = "metta_returns.json"
 """Saved next to RLlib's checkpoint files: the 100-episode return window, so a resumed run keeps it."""
 
+HEADER_FILE = "metta_checkpoint.json"
+"""Saved next to RLlib's checkpoint files: ``metta_core.run.checkpoint_header`` (format, framework,
+env id, settings), verified before RLlib restores anything."""
+
+
+def verify_rllib_checkpoint(path: Path, args: TrainArgs) -> None:
+    """Refuse ``--resume path`` before Ray starts unless it is a folder written by ``RLlibRun.save``
+    with compatible settings, and ``--trust-checkpoint`` is given: RLlib's ``restore_from_path``
+    unpickles the checkpoint's objects, so it runs code from the folder."""
+    header_path = path / HEADER_FILE
+    if not header_path.is_file():
+        raise MettaError(f"--resume {path}: no {HEADER_FILE} in the folder; give a checkpoint folder written by "
+                         f"metta-bridges train --framework rllib --save-checkpoint")
+    try:
+        header = json.loads(header_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MettaError(f"--resume {path}: {HEADER_FILE} is unreadable ({exc}); the checkpoint is damaged") from None
+    verify_header(header, path, args, "rllib")
+    if not args.trust_checkpoint:
+        raise MettaError(f"--resume {path}: RLlib restores its checkpoints by unpickling them, which runs code from "
+                         f"the folder; pass --trust-checkpoint if you trust it")
+
 
 class RLlibRun:
     """An RLlib ``Algorithm`` seen as a ``metta_core.run.TrainingRun`` (one ``train()`` per iteration)."""
 
     def __init__(self, config, args: TrainArgs, resume=None) -> None:
-        if resume is not None and not Path(resume).exists():
-            raise MettaError(f"checkpoint {resume} does not exist; check --resume")
+        if resume is not None:
+            verify_rllib_checkpoint(Path(resume), args)
+        self.args = args
         self.algo = config.build_algo()
         self.returns = ReturnTracker(args.target_return)
         self.env_steps = 0
@@ -166,8 +191,25 @@ class RLlibRun:
         return row
 
     def save(self, checkpoint) -> None:
-        self.algo.save_to_path(os.path.abspath(checkpoint))
-        (Path(checkpoint) / RETURNS_FILE).write_text(json.dumps(self.returns.state_dict()))
+        """RLlib's checkpoint folder plus the return window and the header, swapped in whole: written
+        to a temporary sibling folder, then renamed over ``checkpoint`` (the old folder is renamed
+        aside first and removed after, as a non-empty folder cannot be replaced in one rename)."""
+        target = Path(checkpoint).absolute()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            self.algo.save_to_path(str(tmp))
+            (tmp / RETURNS_FILE).write_text(json.dumps(self.returns.state_dict()))
+            (tmp / HEADER_FILE).write_text(json.dumps(checkpoint_header("rllib", self.args)))
+            old = target.with_name(f".{target.name}.old")
+            if target.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def close(self) -> None:
         self.algo.stop()
@@ -180,6 +222,9 @@ def train(args: TrainArgs, settings: RLlibSettings | None = None) -> dict[str, A
     RLlib's own PPO runs afterwards with the same settings; its summary is under ``"native"`` and
     its metrics in ``out_dir/native``.
     """
+    preflight(args)
+    if args.resume is not None:
+        verify_rllib_checkpoint(Path(args.resume), args)
     settings = settings or RLlibSettings()
     started_ray = join_ray(settings.address)
     try:

@@ -17,7 +17,9 @@ Only layout lives here: no RL formula.
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from tensordict import TensorDictBase
@@ -25,6 +27,7 @@ from tensordict.utils import NestedKey
 from torch import Tensor
 from torch.nn.functional import pad
 
+from metta_core.advantage import flag_problem, flag_violation
 from metta_core.errors import MettaError
 
 TIME_DIM_NAME = "time"
@@ -80,12 +83,14 @@ def read_bt(
     configured: NestedKey | None = None,
     float32: bool = True,
     check_finite: bool = True,
+    check_flags: bool = True,
 ) -> Tensor:
     """``td[key]`` as a ``[B, T]`` tensor (a trailing feature dim of size 1 is dropped).
 
     With ``float32`` the entry must be float32 and finite (with ``check_finite=False`` the caller
     checks finiteness, e.g. of several entries at once with :func:`require_finite`); otherwise
-    (flags) bool, integer or floating. Every failure names the key, shape or dtype, and the
+    (flags) bool, integer or floating, and (unless ``check_flags=False``, when the caller checks them
+    with :func:`check_values`) every value 0 or 1. Every failure names the key, shape or dtype, and the
     ``set_keys`` call for ``field`` (whose current value is ``configured``, ``key`` when not given).
     """
     x = td.get(key, None)
@@ -112,7 +117,15 @@ def read_bt(
             _require_finite(x, key, field, who)
     elif x.dtype.is_complex:
         raise MettaError(f"{who}: {key!r} ({field}) has dtype {x.dtype}, expected bool, integer or float")
+    elif check_flags:
+        _require_flags(x, key, field, who)
     return x
+
+
+def _require_flags(x: Tensor, key: NestedKey, field: str, who: str) -> None:
+    problem = flag_problem(x.to(torch.float32), f"{key!r} ({field})", who)
+    if problem:
+        raise MettaError(problem)
 
 
 def _require_finite(x: Tensor, key: NestedKey, field: str, who: str) -> None:
@@ -124,17 +137,77 @@ def _require_finite(x: Tensor, key: NestedKey, field: str, who: str) -> None:
         )
 
 
-def require_finite(entries: Sequence[tuple[NestedKey, str, Tensor]], who: str) -> None:
-    """``read_bt``'s finiteness check of several ``(key, field, tensor)`` entries in one reduction.
+def check_values(
+    entries: Sequence[tuple[NestedKey, str, Tensor]],
+    who: str,
+    *,
+    flags: tuple[NestedKey, str, Tensor] | None = None,
+    positive: tuple[NestedKey, str, Tensor] | None = None,
+) -> None:
+    """``read_bt``'s value checks of several entries in ONE fused reduction (one device sync):
+    every ``(key, field, tensor)`` of ``entries`` finite, ``flags`` 0 or 1, ``positive`` finite and > 0.
 
-    The sum of all elements is finite unless an element is NaN or inf (or the sum overflows,
-    where the per-entry check below finds nothing and passes); only then is each entry checked,
-    and the first with a non-finite element raises ``read_bt``'s error.
+    The sum of all elements is finite unless an element is NaN or inf (or the sum overflows, where
+    the per-entry checks below find nothing and pass); only on a suspicious result is each entry
+    checked, and the first offending one raises an error naming its key.
     """
-    if bool(torch.isfinite(torch.stack([x.sum() for _, _, x in entries]).sum())):
+    parts = [x.sum() for _, _, x in entries]
+    if flags is not None:
+        parts.append(flag_violation(flags[2].to(torch.float32)))
+    if positive is not None:
+        parts += [positive[2].sum(), (positive[2] <= 0).sum().to(torch.float32)]
+    summary = torch.stack([p.detach().to(torch.float32) for p in parts]).tolist()
+    clean = all(map(math.isfinite, summary))
+    if flags is not None:
+        clean = clean and summary[len(entries)] == 0
+    if positive is not None:
+        clean = clean and summary[-1] == 0
+    if clean:
         return
     for key, field, x in entries:
         _require_finite(x, key, field, who)
+    if flags is not None:
+        _require_flags(flags[2], flags[0], flags[1], who)
+    if positive is not None:
+        key, field, x = positive
+        _require_finite(x, key, field, who)
+        if not bool((x > 0).all()):
+            raise MettaError(
+                f"{who}: {key!r} ({field}) holds {int((x <= 0).sum())} value(s) <= 0 (min {float(x.min()):.3g}); "
+                f"importance weights are > 0: use the weights MettaSegmentSampler writes, or drop the entry"
+            )
+
+
+def require_finite(entries: Sequence[tuple[NestedKey, str, Tensor]], who: str) -> None:
+    """``check_values`` of finiteness only (kept for callers that check nothing else)."""
+    check_values(entries, who)
+
+
+@contextmanager
+def blame_inputs(who: str, what: str, inputs: dict[NestedKey, Tensor], hint: str) -> Iterator[None]:
+    """Turn a raw torch error raised by ``what`` (a network call, a ``log_prob``) into a ``MettaError``
+    naming the input entries with their shapes and dtypes, and ``hint`` (what they should be)."""
+    try:
+        yield
+    except MettaError:
+        raise
+    except (RuntimeError, ValueError, IndexError) as exc:
+        described = ", ".join(f"{key!r} {tuple(x.shape)} {x.dtype}" for key, x in inputs.items())
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MettaError(f"{who}: {what} failed on {described} ({reason}); {hint}") from exc
+
+
+def check_estimator_hyperparams(hyperparams: dict[str, object], who: str) -> None:
+    """Ranges of a TorchRL value estimator's settings: ``gamma``, ``lmbda`` in [0, 1]; V-trace's
+    ``rho_thresh``, ``c_thresh`` > 0. TorchRL itself accepts any float."""
+    for name in ("gamma", "lmbda"):
+        value = hyperparams.get(name)
+        if isinstance(value, (int, float)) and not 0 <= value <= 1:
+            raise MettaError(f"{who}: {name} must be in [0, 1], got {value!r}")
+    for name in ("rho_thresh", "c_thresh"):
+        value = hyperparams.get(name)
+        if isinstance(value, (int, float)) and not value > 0:
+            raise MettaError(f"{who}: {name} must be > 0 (a V-trace truncation level), got {value!r}")
 
 
 def metta_rewards_dones(next_reward: Tensor, next_terminated: Tensor) -> tuple[Tensor, Tensor]:

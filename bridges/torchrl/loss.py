@@ -26,7 +26,9 @@ from metta_core.phase import PhaseStats
 from metta_core.ppo_math import explained_variance, ppo_minibatch_loss
 
 from bridges.torchrl.estimator import MettaAdvantage
-from bridges.torchrl.layout import check_batch_time, metta_rewards_dones, read_bt, require_finite
+from bridges.torchrl.layout import (
+    blame_inputs, check_batch_time, check_estimator_hyperparams, check_values, metta_rewards_dones, read_bt,
+)
 
 COEFFICIENTS = ("clip_coef", "ent_coef", "vf_coef", "vf_clip_coef")
 """``PPOConfig`` fields held as schedulable buffers (``loss.ent_coef = 0.005``)."""
@@ -317,6 +319,7 @@ class MettaPPOLoss(LossModule):
                 defaults["lmbda"] = cfg.gae_lambda
             if value_type == ValueEstimators.VTrace:
                 defaults.update(rho_thresh=cfg.vtrace.rho_clip, c_thresh=cfg.vtrace.c_clip)
+            check_estimator_hyperparams(hyperparams, f"make_value_estimator({value_type})")
             dispatch_value_estimator(
                 self, value_type, supported=self.SUPPORTED_VALUE_ESTIMATORS, **{**defaults, **hyperparams}
             )
@@ -358,14 +361,13 @@ class MettaPPOLoss(LossModule):
 
         entries = [read(keys.advantage, "advantage"), read(keys.value, "value"),
                    read(("next", keys.reward), "reward", keys.reward), read(keys.sample_log_prob, "sample_log_prob")]
-        if td.get(keys.priority_weight, None) is not None:
-            entries.append(read(keys.priority_weight, "priority_weight"))
-        require_finite(entries, who)  # one reduction over every float input
-        first_adv, values, next_reward, old_logprob = (x for _, _, x in entries[:4])
-        prio_weights = entries[4][2] if len(entries) > 4 else None
-        next_terminated = read_bt(
-            td, ("next", keys.terminated), field="terminated", who=who, configured=keys.terminated, float32=False
-        )
+        prio = read(keys.priority_weight, "priority_weight") if td.get(keys.priority_weight, None) is not None else None
+        next_terminated = read_bt(td, ("next", keys.terminated), field="terminated", who=who,
+                                  configured=keys.terminated, float32=False, check_flags=False)
+        # one reduction: float inputs finite, terminal flags 0/1, priority weights > 0
+        check_values(entries, who, flags=(("next", keys.terminated), "terminated", next_terminated), positive=prio)
+        first_adv, values, next_reward, old_logprob = (x for _, _, x in entries)
+        prio_weights = prio[2] if prio is not None else None
         new_logprob, entropy = self._policy_terms(td)
         new_values = self._new_values(td)
         rewards, dones = metta_rewards_dones(next_reward, next_terminated)
@@ -419,9 +421,14 @@ class MettaPPOLoss(LossModule):
             )
         if action.requires_grad:
             raise MettaError(f"{who}: the stored action {self.tensor_keys.action!r} requires grad; detach it")
-        with self._parameters_of("actor"):
-            dist = self.actor_network.get_dist(td.select(*self.actor_network.in_keys))
-        log_prob = dist.log_prob(action)
+        actor_in = td.select(*self.actor_network.in_keys)
+        with blame_inputs(who, "the actor network", dict(actor_in.items(True, True)),
+                          "give the actor the dtype (float32) and feature shape it was built for"):
+            with self._parameters_of("actor"):
+                dist = self.actor_network.get_dist(actor_in)
+        with blame_inputs(who, "the actor's log_prob", {self.tensor_keys.action: action},
+                          "actions must lie in the action space, one per step ([B, T] indices for a Categorical)"):
+            log_prob = dist.log_prob(action)
         try:
             entropy = dist.entropy()
         except NotImplementedError as exc:
@@ -433,8 +440,9 @@ class MettaPPOLoss(LossModule):
         for name, x in (("log_prob", log_prob), ("entropy", entropy)):
             if tuple(x.shape) != bt:
                 raise MettaError(
-                    f"{who}: the actor's {name} has shape {tuple(x.shape)}, expected {bt} (one per step); "
-                    f"for vector actions wrap the distribution in Independent(..., 1)"
+                    f"{who}: the actor's {name} of action {self.tensor_keys.action!r} (shape {tuple(action.shape)}) "
+                    f"has shape {tuple(x.shape)}, expected {bt} (one per step); check the action's shape, and for "
+                    f"vector actions wrap the distribution in Independent(..., 1)"
                 )
         return log_prob, entropy
 
@@ -442,8 +450,10 @@ class MettaPPOLoss(LossModule):
         """``V(o_t)`` under the current critic parameters, ``[B, T]``."""
         self._require(td, list(self.critic_network.in_keys), "critic")
         critic_in = td.select(*self.critic_network.in_keys)
-        with self._parameters_of("critic"):
-            out = self.critic_network(critic_in)
+        with blame_inputs(type(self).__name__, "the critic network", dict(critic_in.items(True, True)),
+                          "give the critic the dtype (float32) and feature shape it was built for"):
+            with self._parameters_of("critic"):
+                out = self.critic_network(critic_in)
         key = self.tensor_keys.value
         if out.get(key, None) is None:
             raise MettaError(

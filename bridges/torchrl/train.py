@@ -7,18 +7,18 @@ minibatches, ``MettaPPOLoss``, Adam with Metta's settings and ``clip_grad_norm_(
 With ``compare_native`` the same pipeline then also trains TorchRL's ``ClipPPOLoss`` + ``GAE``
 (summary under ``"native"``, metrics in ``out_dir/native``).
 
-Checkpoints hold the actor and critic, optimizer, loss ``state_dict`` (coefficients,
-``anneal_beta``, stat tracker, config), sampler generator, torch RNG, trainer epoch and step
-count, the return window, the pickled gymnasium sub-envs and the collector's carried
-tensordict (current observations and running episode returns). A resumed run therefore
-continues exactly like the uninterrupted one (tested bit for bit), relying on one private
-TorchRL attribute, ``Collector._carrier``, as TorchRL 0.14 has no public way to restore it.
+Checkpoints (``metta_core.run`` format) hold the actor and critic, optimizer, loss ``state_dict``
+(coefficients, ``anneal_beta``, stat tracker, config), sampler generator, torch RNG, trainer epoch
+and step count, the return window and, pickled apart, the gymnasium sub-envs and the collector's
+carried tensordict (current observations and running episode returns). A resumed run with
+``trust_checkpoint`` therefore continues exactly like the uninterrupted one (tested bit for bit),
+relying on one private TorchRL attribute, ``Collector._carrier``, as TorchRL 0.14 has no public way
+to restore it; without it the episodes restart.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,10 @@ from metta_core.config import ADAM_EPS
 from metta_core.errors import MettaError
 from metta_core.phase import PhaseSizes, PhaseStats, clip_and_step, run_phase
 from metta_core.policy import mlp
-from metta_core.run import ReturnTracker, TrainArgs, drive, load_checkpoint, save_checkpoint
+from metta_core.run import (
+    ReturnTracker, TrainArgs, announce_untrusted_resume, check_shapes, drive, make_checkpoint, preflight,
+    read_checkpoint, save_checkpoint,
+)
 
 from bridges.torchrl.layout import TIME_DIM_NAME
 from bridges.torchrl.loss import MettaPPOLoss
@@ -192,9 +195,8 @@ class TorchRLRun:
         return tracked.means()
 
     def state_dict(self) -> dict[str, Any]:
-        venv = self.env.base_env._env
+        """Everything but the env, in types ``torch.load(weights_only=True)`` reads (see ``env_state``)."""
         return {
-            "args": dataclasses.asdict(self.args),
             "policy": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "loss": self.loss.state_dict(),
@@ -204,18 +206,20 @@ class TorchRLRun:
             "epoch": self.epoch,
             "env_steps": self.env_steps,
             "returns": self.returns.state_dict(),
-            "sub_envs": pickle.dumps(venv.envs),
-            "carrier": self.collector._carrier.clone(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = {k: v for k, v in state["args"].items() if k in ("env", "num_envs", "batch_size", "bptt_horizon",
-                                                                 "hidden_size")}
-        current = {k: getattr(self.args, k) for k in saved}
-        if saved != current:
-            raise MettaError(f"resume: the checkpoint was made with {saved}, this run has {current}; use the same settings")
+    def env_state(self) -> dict[str, Any]:
+        """The gymnasium sub-envs and the collector's carried tensordict (current observations, running
+        returns): pickled, restored only when trusted."""
+        return {"sub_envs": self.env.base_env._env.envs, "carrier": self.collector._carrier.clone()}
+
+    def load_state_dict(self, state: dict[str, Any], env_state: dict[str, Any] | None = None) -> None:
+        """Restore ``state``; the env and the collector's carrier too when ``env_state`` is given, else
+        they keep their fresh episodes. The learning rate is this run's ``--learning-rate``."""
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.args.learning_rate
         self.loss.load_state_dict(state["loss"])
         if self.sampler is not None:
             self.sampler.load_state_dict(state["sampler"])
@@ -223,15 +227,21 @@ class TorchRLRun:
         self.epoch = state["epoch"]
         self.env_steps = state["env_steps"]
         self.returns.load_state_dict(state["returns"])
-        self.env.base_env._env.envs = pickle.loads(state["sub_envs"])
-        self.collector._carrier = state["carrier"].clone()
+        if env_state is not None:
+            self.env.base_env._env.envs = env_state["sub_envs"]
+            self.collector._carrier = env_state["carrier"].clone()
         torch.set_rng_state(state["torch_rng"])
 
     def save(self, path: Path) -> None:
-        save_checkpoint(self.state_dict(), path)
+        save_checkpoint(make_checkpoint("torchrl", self.args, self.state_dict(), self.env_state()), path)
 
-    def load(self, path: Path) -> None:
-        self.load_state_dict(load_checkpoint(path))
+    def load(self, path: Path, *, trust: bool | None = None) -> None:
+        """Resume from ``path`` (verified by ``read_checkpoint``); ``trust`` (default
+        ``args.trust_checkpoint``) also restores the pickled env and collector state."""
+        args = self.args if trust is None else dataclasses.replace(self.args, trust_checkpoint=trust)
+        state, env_state = read_checkpoint(path, args, "torchrl")
+        check_shapes(state["policy"], self.policy, path)
+        self.load_state_dict(state, env_state)
 
     def close(self) -> None:
         self.collector.shutdown()
@@ -239,9 +249,11 @@ class TorchRLRun:
 
 def train(args: TrainArgs) -> dict[str, Any]:
     """Train with Metta's PPO in TorchRL, then (``compare_native``) with TorchRL's ClipPPOLoss; returns a summary."""
+    preflight(args)
     run = TorchRLRun(args)
     if args.resume is not None:
         run.load(args.resume)
+        announce_untrusted_resume(args.resume, args)
     summary = drive(run, args, "torchrl", checkpoint=args.save_checkpoint, resumed=args.resume is not None)
     if args.compare_native:
         summary["native"] = drive(TorchRLRun(args, native=True), args, "torchrl-native", out_dir=args.out_dir / "native")

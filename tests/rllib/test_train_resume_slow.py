@@ -15,7 +15,7 @@ def test_resumed_run_counts_steps_from_the_checkpoint(tmp_path):
     """The first row after a resume reports the steps of that iteration only (its steps_per_second
     used to divide all steps since the start of training by one iteration's time)."""
     args = TrainArgs(framework="rllib", batch_size=512, bptt_horizon=32, minibatch_size=256, update_epochs=1,
-                     progress=False, target_return=None)
+                     progress=False, target_return=None, trust_checkpoint=True)
     init_private_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         run = RLlibRun(build_config(args), args)

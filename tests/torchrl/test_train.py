@@ -28,7 +28,7 @@ def test_resume_continues_exactly(tmp_path):
     straight.close()
 
     resumed = TorchRLRun(args)
-    resumed.load(tmp_path / "ckpt.pt")
+    resumed.load(tmp_path / "ckpt.pt", trust=True)
     again = [resumed.iteration(), resumed.iteration()]
     resumed.close()
     for a, b in zip(rows, again):
