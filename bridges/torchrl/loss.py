@@ -6,6 +6,7 @@ The loss only maps keys and layout; every number comes from
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Any
@@ -194,6 +195,7 @@ class MettaPPOLoss(LossModule):
     _schedulable_buffers = frozenset((*COEFFICIENTS, "anneal_beta"))
     SUPPORTED_VALUE_ESTIMATORS = (
         ValueEstimators.TD0, ValueEstimators.TD1, ValueEstimators.GAE, ValueEstimators.TDLambda, ValueEstimators.VTrace,
+        ValueEstimators.MAGAE,  # on single-agent [B, T] rows TorchRL's MultiAgentGAE is its GAE
     )
 
     actor_network: ProbabilisticTensorDictSequential
@@ -223,12 +225,7 @@ class MettaPPOLoss(LossModule):
                 f"(the advantage is normalized over it, SPEC §4.5), so per-step or summed losses are not "
                 f"defined; use reduction='mean' (or None, the same)"
             )
-        if "loss_critic_type" in overrides:
-            raise MettaError(
-                f"{who}: loss_critic_type={overrides['loss_critic_type']!r} is not supported: Metta's critic loss "
-                f"is 0.5 * max((V - R)^2, (V_clipped - R)^2) (SPEC §4.5); drop the argument (TorchRL's 'l2' "
-                f"is twice it: critic_coeff scales it)"
-            )
+        _refuse_torchrl_only(overrides, who)
         base = (config or PPOConfig()).model_copy(deep=True)
         _validated_update(base, {TORCHRL_ALIASES.get(k, k): v for k, v in overrides.items()}, who)
         if clip_value is not _UNSET:
@@ -401,7 +398,7 @@ class MettaPPOLoss(LossModule):
         - ``None`` / :class:`MettaAdvantage` (default): Metta's advantage with ``w = 1``.
           ``gamma``, ``gae_lambda``, ``rho_clip``, ``c_clip`` hyperparameters update the loss's
           config, so the first pass and the V-trace recompute use the same values.
-        - ``ValueEstimators.TD0`` / ``TD1`` / ``GAE`` / ``TDLambda`` / ``VTrace``: TorchRL's estimator,
+        - ``ValueEstimators.TD0`` / ``TD1`` / ``GAE`` / ``TDLambda`` / ``VTrace`` / ``MAGAE``: TorchRL's estimator,
           with Metta's ``gamma``, ``gae_lambda`` and V-trace clips as defaults (``returns = A0 + value``).
         - a ``ValueEstimatorBase`` instance or subclass: used as given.
         """
@@ -432,7 +429,7 @@ class MettaPPOLoss(LossModule):
         else:
             cfg = self._base_config
             defaults: dict[str, Any] = {"gamma": cfg.gamma}
-            if value_type in (ValueEstimators.GAE, ValueEstimators.TDLambda):
+            if value_type in (ValueEstimators.GAE, ValueEstimators.MAGAE, ValueEstimators.TDLambda):
                 defaults["lmbda"] = cfg.gae_lambda
             if value_type == ValueEstimators.VTrace:
                 defaults.update(rho_thresh=cfg.vtrace.rho_clip, c_thresh=cfg.vtrace.c_clip)
@@ -478,21 +475,22 @@ class MettaPPOLoss(LossModule):
         check_batch_time(tensordict, who)
         keys = self.tensor_keys
         td = tensordict  # read only: the networks get selections of their inputs
+
+        def read(key: NestedKey, field: str, configured: NestedKey | None = None) -> tuple[NestedKey, str, Tensor]:
+            return key, field, read_bt(td, key, field=field, who=who, configured=configured, check_finite=False)
+
+        # the step's own entries first: their shape and dtype errors come before any estimator runs
+        entries = [read(("next", keys.reward), "reward", keys.reward), read(keys.sample_log_prob, "sample_log_prob")]
         if td.get(keys.advantage, None) is None:
             td = tensordict.clone(False)  # the first pass writes advantage and value_target: not into the caller's
             self.first_pass(td)
         elif td.get(keys.value, None) is None:
             raise self._missing_value_error()
-
-        def read(key: NestedKey, field: str, configured: NestedKey | None = None) -> tuple[NestedKey, str, Tensor]:
-            return key, field, read_bt(td, key, field=field, who=who, configured=configured, check_finite=False)
-
-        entries = [read(keys.advantage, "advantage"), read(keys.value, "value"),
-                   read(("next", keys.reward), "reward", keys.reward), read(keys.sample_log_prob, "sample_log_prob")]
+        entries += [read(keys.advantage, "advantage"), read(keys.value, "value")]
         if td.get(keys.priority_weight, None) is not None:
             entries.append(read(keys.priority_weight, "priority_weight"))
         require_finite(entries, who)  # one reduction over every float input
-        first_adv, values, next_reward, old_logprob = (x for _, _, x in entries[:4])
+        next_reward, old_logprob, first_adv, values = (x for _, _, x in entries[:4])
         prio_weights = entries[4][2] if len(entries) > 4 else None
         next_terminated = read_bt(
             td, ("next", keys.terminated), field="terminated", who=who, configured=keys.terminated, float32=False
@@ -615,6 +613,12 @@ class MettaPPOLoss(LossModule):
                 f"{type(self).__name__}: the critic writes {self.critic_network.out_keys}, not the value key "
                 f"{key!r}; use loss.set_keys(value=<the critic's out key>)"
             )
+        if isinstance(out.get(key), TensorDictBase):
+            raise MettaError(
+                f"{type(self).__name__}: the critic writes a tensordict of values under {key!r} "
+                f"({sorted(map(str, out.get(key).keys(True, True)))}); Metta's critic loss takes one value per "
+                f"step: use one value head"
+            )
         return read_bt(out, key, field="value", who=f"{type(self).__name__} (critic output)")
 
     # --- stats and state ----------------------------------------------------------------------
@@ -645,6 +649,35 @@ class MettaPPOLoss(LossModule):
         self._base_config = PPOConfig.model_validate(state["config"])
         self._config_cache = None
         self.phase_stats.load_state_dict(state["tracker"])
+
+
+TORCHRL_ONLY = {
+    "loss_critic_type": "Metta's critic loss is 0.5 * max((V - R)^2, (V_clipped - R)^2) (SPEC §4.5); drop the "
+                        "argument (TorchRL's 'l2' is twice it: critic_coeff scales the term)",
+    "samples_mc_entropy": "Metta's entropy bonus is the distribution's analytic entropy, never a Monte-Carlo "
+                          "estimate; drop the argument and use a distribution with entropy()",
+    "entropy_bonus": "Metta's loss always has the entropy term; entropy_coeff=0 (ent_coef=0) turns it off",
+}
+"""``ClipPPOLoss`` arguments with no Metta meaning, and why (the error names the alternative)."""
+
+
+def _refuse_torchrl_only(overrides: dict[str, Any], who: str) -> None:
+    """Refuse TorchRL arguments Metta's semantics do not define, naming the reason and the alternative."""
+    for name, reason in TORCHRL_ONLY.items():
+        if name in overrides:
+            raise MettaError(f"{who}: {name}={overrides[name]!r} is not supported: {reason}")
+    for name in ("clip_epsilon", "clip_coef"):
+        if isinstance(overrides.get(name), (tuple, list)):
+            raise MettaError(
+                f"{who}: {name}={overrides[name]!r}: Metta's policy clip is symmetric, one clip_coef "
+                f"(SPEC §4.5); pass a float"
+            )
+    for name in ("entropy_coeff", "ent_coef"):
+        if isinstance(overrides.get(name), Mapping):
+            raise MettaError(
+                f"{who}: {name} as a mapping per head: Metta's loss has one action head (one log-prob per "
+                f"step), so one entropy coefficient; pass a float"
+            )
 
 
 def _validated_update(cfg: PPOConfig, updates: dict[str, Any], who: str) -> None:
