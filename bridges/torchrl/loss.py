@@ -192,7 +192,8 @@ class MettaPPOLoss(LossModule):
     default_keys = _AcceptedKeys
     tensor_keys: _AcceptedKeys
     default_value_estimator = MettaAdvantage
-    _schedulable_buffers = frozenset((*COEFFICIENTS, "anneal_beta"))
+    _schedulable_buffers = frozenset((*COEFFICIENTS, "anneal_beta", *TORCHRL_ALIASES, "clip_value"))
+    """Metta's coefficient buffers, and TorchRL's names that reach them (``loss.entropy_coeff = 0.01``)."""
     SUPPORTED_VALUE_ESTIMATORS = (
         ValueEstimators.TD0, ValueEstimators.TD1, ValueEstimators.GAE, ValueEstimators.TDLambda, ValueEstimators.VTrace,
         ValueEstimators.MAGAE,  # on single-agent [B, T] rows TorchRL's MultiAgentGAE is its GAE
@@ -306,6 +307,18 @@ class MettaPPOLoss(LossModule):
             self._config_cache = None
         if "vf_clip_coef" in settings:
             self.vf_clip_coef = settings["vf_clip_coef"]
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "MettaPPOLoss":
+        """``to`` / ``double`` / ``half`` / ``cuda``: the networks are cast; the coefficient buffers
+        move to the new device but stay float64, since they are config values (a ``half()`` would
+        round ``clip_coef`` and change the loss)."""
+        kept = {name: self._buffers[name] for name in self._schedulable_buffers if self._buffers.get(name) is not None}
+        super()._apply(fn, *args, **kwargs)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
 
     @property
     def config(self) -> PPOConfig:
