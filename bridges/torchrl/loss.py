@@ -373,14 +373,16 @@ class MettaPPOLoss(LossModule):
 
     @property
     def in_keys(self) -> list[NestedKey]:
-        """Entries the loss may read (what TorchRL's keyword call accepts, ``_`` joining nested names):
-        the networks' inputs (and under ``"next"``, for TorchRL's estimators), ``action``, the
-        behaviour log-prob, ``value``, ``advantage``, ``priority_weight`` and the ``"next"`` flags."""
+        """Entries of a full ``[B, T]`` batch the loss reads, as ``ClipPPOLoss`` lists them (TorchRL's
+        keyword call accepts these, ``_`` joining nested names): the networks' inputs (the actor's
+        also under ``"next"``, for TorchRL's estimators), ``action``, the behaviour log-prob and the
+        ``"next"`` reward and flags. Optional entries (``value``, ``advantage``, ``priority_weight``)
+        are not listed: without them the loss's estimator computes the advantage and the value."""
         if self._in_keys is None:
             keys = self.tensor_keys
-            networks = [*_external_in_keys(self.actor_network), *_external_in_keys(self.critic_network)]
-            found = [*networks, *(_under_next(k) for k in networks), keys.action, keys.sample_log_prob,
-                     keys.value, keys.advantage, keys.priority_weight,
+            actor_in = _external_in_keys(self.actor_network)
+            found = [*actor_in, *(_under_next(k) for k in actor_in), *_external_in_keys(self.critic_network),
+                     keys.action, keys.sample_log_prob,
                      *(_under_next(k) for k in (keys.reward, keys.done, keys.terminated))]
             self._in_keys = list(dict.fromkeys(unravel_key(k) for k in found))
         return self._in_keys
