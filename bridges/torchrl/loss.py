@@ -126,13 +126,27 @@ class MettaPPOLoss(LossModule):
             networks as they are: no swap per call (a measurable cost on small networks; TorchRL
             also names it the setting for DDP/FSDP-wrapped networks). Same numbers either way; a
             ``state_dict`` of one setting does not load into the other. Defaults to ``True``.
+        separate_losses: as in TorchRL: the critic loss does not reach parameters the critic shares
+            with the actor, nor a trunk whose output the critic reads. Defaults to ``False``.
+        reduction: ``None`` or ``"mean"`` (the same: Metta's loss is one mean over the call);
+            ``"none"`` / ``"sum"`` are refused.
+        device: where the coefficient buffers (and the networks) go; defaults to the networks'.
+        clip_value: ``ClipPPOLoss``'s meaning (:func:`clip_value_settings`): ``True`` clips the value
+            at ``clip_epsilon``, ``False`` / ``None`` turns value clipping off, a float sets
+            ``vf_clip_coef``. Absent: the config's ``clip_vloss`` / ``vf_clip_coef``.
         **overrides: ``PPOConfig`` top-level fields (``ent_coef=0.02``) or the TorchRL aliases
-            ``clip_epsilon``, ``entropy_coeff``, ``critic_coeff``, ``clip_value``.
+            ``clip_epsilon``, ``entropy_coeff``, ``critic_coeff``. TorchRL arguments with no Metta
+            meaning (``loss_critic_type``, ``samples_mc_entropy``, ``entropy_bonus``, asymmetric
+            ``clip_epsilon``, per-head ``entropy_coeff``) are refused, naming the alternative
+            (``docs/torchrl_conventions.md``).
 
     Input: a ``[B, T]`` tensordict (time last, see ``bridges.torchrl.layout``) with the actor
     and critic inputs, ``action``, the behaviour log-prob (``sample_log_prob`` key, following
     the actor's ``log_prob_keys``), ``value`` recorded at collection, ``("next", reward)``,
     ``("next", terminated)``, optionally ``advantage`` (first pass) and ``priority_weight``.
+    Without ``advantage`` the value estimator computes it (and fills a missing ``value`` from the
+    critic); with ``advantage`` and no ``value``, a ``KeyError`` (:class:`MissingEntryError`).
+    Or keyword tensors (``loss(observation=..., next_reward=...)``): the ``out_keys`` as a tuple.
 
     Per call (SPEC §1, §4.4-4.6), with Metta's ``rewards[:, t+1] = ("next", reward)[:, t]`` and
     ``dones[:, t+1] = ("next", terminated)[:, t]``:

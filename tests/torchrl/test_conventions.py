@@ -11,9 +11,9 @@ import functools
 import pytest
 import torch
 from tensordict import TensorDict
-from tensordict.nn import CompositeDistribution, TensorDictModule, set_composite_lp_aggregate
+from tensordict.nn import CompositeDistribution, TensorDictModule, TensorDictSequential, set_composite_lp_aggregate
 from torch import nn
-from torchrl.modules import ActorValueOperator, ProbabilisticActor, ValueOperator
+from torchrl.modules import ActorCriticWrapper, ActorValueOperator, ProbabilisticActor, ValueOperator
 from torchrl.objectives.utils import ValueEstimators
 
 from bridges.torchrl import MettaPPOLoss
@@ -153,6 +153,28 @@ def test_shared_trunk_matches_core_and_separate_losses_keeps_the_critic_off_the_
     policy = out["loss_objective"] + out["loss_entropy"]
     ref_policy = ref.policy_loss + ref.entropy_term
     for mine, theirs in zip(torch.autograd.grad(policy, trunk), torch.autograd.grad(ref_policy, trunk)):
+        close(mine, theirs)
+
+
+def test_actor_critic_wrapper_whose_critic_reads_the_actors_trunk_matches_core():
+    """ActorCriticWrapper(actor, critic) where the actor's own trunk writes ``hidden`` and the critic
+    reads it: the critic sees the actor's ``hidden`` (with its gradient)."""
+    model = shared_trunk()
+    trunk, head, value_head = model.module[0], model.module[1], model.module[2]
+    actor = ProbabilisticActor(
+        TensorDictSequential(trunk, head.module[0]), in_keys=["logits"],
+        distribution_class=torch.distributions.Categorical, return_log_prob=True,
+    )
+    wrapper = ActorCriticWrapper(actor, value_head)
+    ref_actor, ref_critic = make_modules()
+    batch = make_batch(ref_actor, ref_critic)
+    batch["advantage"] = torch.randn(batch.batch_size, generator=torch.Generator().manual_seed(3))
+    loss = MettaPPOLoss(wrapper.get_policy_operator(), wrapper.get_value_operator())
+    out = loss(batch)
+    ref = shared_core_terms(model, batch, PPOConfig())
+    close(total(out), ref.loss)
+    params = list(model.parameters())
+    for mine, theirs in zip(torch.autograd.grad(total(out), params), torch.autograd.grad(ref.loss, params)):
         close(mine, theirs)
 
 
