@@ -263,8 +263,17 @@ class MettaPPOLoss(LossModule):
             shared = list(actor_network.parameters()) if separate_losses else None
             self.convert_to_functional(critic_network, "critic_network", compare_against=shared)
         else:
+            shared = {id(p) for p in actor_network.parameters()} & {id(p) for p in critic_network.parameters()}
+            if separate_losses and shared:
+                raise MettaError(
+                    f"{who}: separate_losses=True with functional=False cannot keep the critic loss off the "
+                    f"{len(shared)} parameter(s) the critic shares with the actor (only the functional loss "
+                    f"holds detached copies of them); use functional=True"
+                )
             self.actor_network, self.actor_network_params = actor_network, None
             self.critic_network, self.critic_network_params = critic_network, None
+        self._actor_in_keys = _external_in_keys(actor_network)
+        self._critic_in_keys = _external_in_keys(critic_network)
         self._base_config = base
         self._config_cache: tuple[dict[str, float], PPOConfig] | None = None
         if device is None:
@@ -394,8 +403,8 @@ class MettaPPOLoss(LossModule):
         are not listed: without them the loss's estimator computes the advantage and the value."""
         if self._in_keys is None:
             keys = self.tensor_keys
-            actor_in = _external_in_keys(self.actor_network)
-            found = [*actor_in, *(_under_next(k) for k in actor_in), *_external_in_keys(self.critic_network),
+            actor_in = self._actor_in_keys
+            found = [*actor_in, *(_under_next(k) for k in actor_in), *self._critic_in_keys,
                      keys.action, keys.sample_log_prob,
                      *(_under_next(k) for k in (keys.reward, keys.done, keys.terminated))]
             self._in_keys = list(dict.fromkeys(unravel_key(k) for k in found))
@@ -584,7 +593,7 @@ class MettaPPOLoss(LossModule):
         ``hidden``)."""
         who = type(self).__name__
         keys = self.tensor_keys
-        in_keys = _external_in_keys(self.actor_network)
+        in_keys = self._actor_in_keys
         self._require(td, in_keys, "actor")
         action = td.get(keys.action, None)
         if action is None:
@@ -625,7 +634,7 @@ class MettaPPOLoss(LossModule):
         The critic reads what the actor's modules wrote first (a shared trunk's output, with its
         gradient: TorchRL's ``ActorValueOperator`` pattern), then the input; with
         ``separate_losses`` its input is detached, so the critic loss does not reach a shared trunk."""
-        in_keys = _external_in_keys(self.critic_network)
+        in_keys = self._critic_in_keys
         from_actor = [k for k in in_keys if actor_td.get(k, None) is not None]
         rest = [k for k in in_keys if k not in from_actor]
         self._require(td, rest, "critic")

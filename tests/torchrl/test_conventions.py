@@ -262,3 +262,10 @@ def test_missing_value_with_an_advantage_is_a_key_error_and_a_metta_error():
         MettaPPOLoss(actor, critic)(batch)
     assert isinstance(info.value, MettaError)
     assert str(info.value).startswith("clip_value is set to 0.1, but the key state_value was not found")
+
+
+def test_separate_losses_without_functional_refuses_shared_parameters():
+    model = shared_trunk()
+    with pytest.raises(MettaError, match=r"separate_losses=True with functional=False .*2 parameter\(s\).*functional=True"):
+        MettaPPOLoss(model.get_policy_operator(), model.get_value_operator(), separate_losses=True, functional=False)
+    MettaPPOLoss(model.get_policy_operator(), model.get_value_head(), separate_losses=True, functional=False)
