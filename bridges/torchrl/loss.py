@@ -636,11 +636,11 @@ class MettaPPOLoss(LossModule):
         ``separate_losses`` its input is detached, so the critic loss does not reach a shared trunk."""
         in_keys = self._critic_in_keys
         from_actor = [k for k in in_keys if actor_td.get(k, None) is not None]
-        rest = [k for k in in_keys if k not in from_actor]
-        self._require(td, rest, "critic")
-        critic_in = td.select(*rest)
-        if from_actor:
-            critic_in.update(actor_td.select(*from_actor))
+        critic_in = actor_td.select(*from_actor)
+        if len(from_actor) < len(in_keys):
+            rest = [k for k in in_keys if k not in from_actor]
+            self._require(td, rest, "critic")
+            critic_in.update(td.select(*rest))
         if self.separate_losses:
             critic_in = critic_in.detach()
         with self._parameters_of("critic"):
