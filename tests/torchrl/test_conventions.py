@@ -48,18 +48,21 @@ def composite_batch(batch):
     return out
 
 
-@pytest.mark.parametrize("list_form", [False, True])
-def test_composite_single_head_actor_matches_core(list_form):
+@pytest.mark.parametrize("aggregate,list_form", [(False, False), (False, True), (True, False)])
+def test_composite_single_head_actor_matches_core(aggregate, list_form):
     actor, critic = make_modules()
     batch = make_batch(actor, critic)
     cfg = PPOConfig()
-    with set_composite_lp_aggregate(False):
+    with set_composite_lp_aggregate(aggregate):
         loss = MettaPPOLoss(composite_actor(actor), critic, cfg)
+        log_prob_key = "sample_log_prob" if aggregate else ("action", "action1_log_prob")
         assert loss.tensor_keys.action == ("action", "action1")
-        assert loss.tensor_keys.sample_log_prob == ("action", "action1_log_prob")
+        assert loss.tensor_keys.sample_log_prob == log_prob_key
         if list_form:  # TorchRL's way of naming the log-prob keys of a composite distribution
-            loss.set_keys(action=[("action", "action1")], sample_log_prob=[("action", "action1_log_prob")])
-        out = loss(composite_batch(batch))
+            loss.set_keys(action=[("action", "action1")], sample_log_prob=[log_prob_key])
+        data = composite_batch(batch).exclude(("action", "action1_log_prob"))
+        data[log_prob_key] = batch["action_log_prob"]
+        out = loss(data)
     ref = core_terms(actor, critic, batch, cfg)
     close(total(out), ref.loss)
     params = list(actor.parameters())
