@@ -525,14 +525,13 @@ class MettaPPOLoss(LossModule):
         elif td.get(keys.value, None) is None:
             raise self._missing_value_error()
         entries += [read(keys.advantage, "advantage"), read(keys.value, "value")]
-        if td.get(keys.priority_weight, None) is not None:
-            entries.append(read(keys.priority_weight, "priority_weight"))
-        require_finite(entries, who)  # one reduction over every float input
-        next_reward, old_logprob, first_adv, values = (x for _, _, x in entries[:4])
-        prio_weights = entries[4][2] if len(entries) > 4 else None
-        next_terminated = read_bt(
-            td, ("next", keys.terminated), field="terminated", who=who, configured=keys.terminated, float32=False
-        )
+        prio = read(keys.priority_weight, "priority_weight") if td.get(keys.priority_weight, None) is not None else None
+        next_terminated = read_bt(td, ("next", keys.terminated), field="terminated", who=who,
+                                  configured=keys.terminated, float32=False, check_flags=False)
+        # one reduction: float inputs finite, terminal flags 0/1, priority weights > 0
+        check_values(entries, who, flags=(("next", keys.terminated), "terminated", next_terminated), positive=prio)
+        next_reward, old_logprob, first_adv, values = (x for _, _, x in entries)
+        prio_weights = prio[2] if prio is not None else None
         new_logprob, entropy, actor_td = self._policy_terms(td)
         new_values = self._new_values(td, actor_td)
         rewards, dones = metta_rewards_dones(next_reward, next_terminated)
@@ -604,10 +603,14 @@ class MettaPPOLoss(LossModule):
         if action.requires_grad:
             raise MettaError(f"{who}: the stored action {keys.action!r} requires grad; detach it")
         actor_td = td.select(*in_keys)
-        with self._parameters_of("actor"):
-            dist = self.actor_network.get_dist(actor_td)
+        with blame_inputs(who, "the actor network", dict(actor_td.items(True, True)),
+                          "give the actor the dtype (float32) and feature shape it was built for"):
+            with self._parameters_of("actor"):
+                dist = self.actor_network.get_dist(actor_td)
         composite = isinstance(dist, CompositeDistribution)
-        log_prob = dist.log_prob(td.select(keys.action) if composite else action)
+        with blame_inputs(who, "the actor's log_prob", {keys.action: action},
+                          "actions must lie in the action space, one per step ([B, T] indices for a Categorical)"):
+            log_prob = dist.log_prob(td.select(keys.action) if composite else action)
         try:
             entropy = dist.entropy()
         except NotImplementedError as exc:
@@ -643,8 +646,10 @@ class MettaPPOLoss(LossModule):
             critic_in.update(td.select(*rest))
         if self.separate_losses:
             critic_in = critic_in.detach()
-        with self._parameters_of("critic"):
-            out = self.critic_network(critic_in)
+        with blame_inputs(type(self).__name__, "the critic network", dict(critic_in.items(True, True)),
+                          "give the critic the dtype (float32) and feature shape it was built for"):
+            with self._parameters_of("critic"):
+                out = self.critic_network(critic_in)
         key = self.tensor_keys.value
         if out.get(key, None) is None:
             raise MettaError(
