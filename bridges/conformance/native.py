@@ -430,6 +430,8 @@ def native_markdown(rows: list[Row]) -> str:
              "TorchRL's `ClipPPOLoss` + `GAE` and RLlib's `PPOTorchLearner` + its GAE connector against Metta's",
              "loss (`bridges.conformance.reference`, SPEC §1-§4), on one minibatch made of a whole case buffer.",
              "Regenerate with `metta-bridges conformance --native --native-markdown docs/native_equivalence.md`.",
+             "Which of `ClipPPOLoss`'s API conventions `MettaPPOLoss` keeps, and which it refuses and why:",
+             "`docs/torchrl_conventions.md`.",
              "", "## Mapping under which the numbers agree", "", *MAPPING, "",
              "## Where each framework differs, piece by piece", "",
              "The pieces `ppo_minibatch_loss` is composed of (`metta_core.ppo_math`, and the advantage kernels of",

@@ -11,6 +11,10 @@
 ``MettaPPOPhase`` runs Metta's whole training phase (SPEC §4); calling ``loss(minibatch)`` yourself
 gives the ``loss_*`` terms of one minibatch, and the rest (clipping, accumulation, the target-KL
 stop) is then yours to do.
+
+``MettaPPOLoss`` keeps ``ClipPPOLoss``'s API conventions (arguments, keys, composite one-head actors,
+shared trunks, the keyword call, TorchRL's value estimators); the ones Metta's semantics refuse
+raise an error naming the reason: ``docs/torchrl_conventions.md``.
 """
 
 from bridges.torchrl.estimator import MettaAdvantage

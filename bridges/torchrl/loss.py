@@ -6,6 +6,7 @@ The loss only maps keys and layout; every number comes from
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Any
@@ -13,8 +14,14 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
-from tensordict.nn import ProbabilisticTensorDictSequential, TensorDictModule, composite_lp_aggregate
-from tensordict.utils import NestedKey
+from tensordict.nn import (
+    CompositeDistribution,
+    ProbabilisticTensorDictSequential,
+    TensorDictModule,
+    composite_lp_aggregate,
+    dispatch,
+)
+from tensordict.utils import NestedKey, unravel_key
 from torch import Tensor
 from torchrl.objectives import LossModule
 from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator
@@ -37,9 +44,60 @@ TORCHRL_ALIASES = {
     "clip_epsilon": "clip_coef",
     "entropy_coeff": "ent_coef",
     "critic_coeff": "vf_coef",
-    "clip_value": "vf_clip_coef",
 }
-"""TorchRL ``ClipPPOLoss`` names accepted for the Metta coefficient with the same meaning."""
+"""TorchRL ``ClipPPOLoss`` names accepted for the Metta coefficient with the same meaning.
+``clip_value`` is not a plain alias: see :func:`clip_value_settings`."""
+
+REDUCTIONS = (None, "mean")
+"""TorchRL ``reduction`` values with Metta's meaning (a mean over the call; ``None`` = TorchRL's default)."""
+
+
+class MissingEntryError(MettaError, KeyError):
+    """A tensordict entry the loss needs is missing: a ``MettaError`` that is also the ``KeyError``
+    TorchRL's losses raise there (so ``except KeyError`` written for ``ClipPPOLoss`` still works)."""
+
+    __str__ = BaseException.__str__  # the message as written, not KeyError's repr of it
+
+
+def clip_value_settings(clip_value: Any, clip_coef: float) -> dict[str, Any]:
+    """``PPOConfig`` updates for TorchRL's ``clip_value`` argument, with ``ClipPPOLoss``'s meaning:
+
+    - ``True``: clip the value at ``clip_epsilon`` (its value now): ``clip_vloss``, ``vf_clip_coef = clip_coef``;
+    - ``False`` / ``None`` / ``0``: no value clipping: ``clip_vloss = False``;
+    - a float or a one-element tensor ``c > 0``: ``clip_vloss``, ``vf_clip_coef = c``.
+    """
+    if clip_value is None or clip_value is False:
+        return {"clip_vloss": False}
+    if clip_value is True:
+        return {"clip_vloss": True, "vf_clip_coef": clip_coef}
+    if isinstance(clip_value, Tensor):
+        if clip_value.numel() != 1:
+            raise MettaError(f"clip_value must be a float or a scalar tensor, got shape {tuple(clip_value.shape)}")
+        clip_value = clip_value.item()
+    if not isinstance(clip_value, (int, float)):
+        raise MettaError(f"clip_value must be a bool, None, a float or a scalar tensor, got {clip_value!r}")
+    if clip_value == 0:
+        return {"clip_vloss": False}
+    return {"clip_vloss": True, "vf_clip_coef": float(clip_value)}
+
+
+def single_key(key: Any, name: str, who: str) -> NestedKey:
+    """TorchRL's list-of-keys form (``set_keys(sample_log_prob=[key])``) with one key, as that key;
+    more keys are several action heads, which Metta's loss does not take."""
+    if isinstance(key, list):
+        if len(key) != 1:
+            raise MettaError(
+                f"{who}: {name} keys {key}: Metta's loss takes one log-prob per step (one action head); "
+                f"use a single distribution, or a composite distribution with one head"
+            )
+        key = key[0]
+    return unravel_key(key)
+
+OUT_KEYS = (
+    "loss_objective", "loss_critic", "loss_entropy", "entropy", "kl_approx", "clip_fraction", "importance",
+    "explained_variance", "policy_loss", "value_loss", "approx_kl", "clipfrac", "current_logprobs",
+)
+"""``MettaPPOLoss``'s outputs, in the order of the keyword call's returned tuple."""
 
 ESTIMATOR_CONFIG_FIELDS = {
     "gamma": "gamma",
@@ -48,6 +106,10 @@ ESTIMATOR_CONFIG_FIELDS = {
     "c_clip": "vtrace.c_clip",
 }
 """``make_value_estimator(MettaAdvantage, **hp)`` names and the ``PPOConfig`` path each sets."""
+
+
+_UNSET: Any = object()
+"""Default of arguments whose absence differs from every value (``clip_value``)."""
 
 
 class MettaPPOLoss(LossModule):
@@ -64,13 +126,27 @@ class MettaPPOLoss(LossModule):
             networks as they are: no swap per call (a measurable cost on small networks; TorchRL
             also names it the setting for DDP/FSDP-wrapped networks). Same numbers either way; a
             ``state_dict`` of one setting does not load into the other. Defaults to ``True``.
+        separate_losses: as in TorchRL: the critic loss does not reach parameters the critic shares
+            with the actor, nor a trunk whose output the critic reads. Defaults to ``False``.
+        reduction: ``None`` or ``"mean"`` (the same: Metta's loss is one mean over the call);
+            ``"none"`` / ``"sum"`` are refused.
+        device: where the coefficient buffers (and the networks) go; defaults to the networks'.
+        clip_value: ``ClipPPOLoss``'s meaning (:func:`clip_value_settings`): ``True`` clips the value
+            at ``clip_epsilon``, ``False`` / ``None`` turns value clipping off, a float sets
+            ``vf_clip_coef``. Absent: the config's ``clip_vloss`` / ``vf_clip_coef``.
         **overrides: ``PPOConfig`` top-level fields (``ent_coef=0.02``) or the TorchRL aliases
-            ``clip_epsilon``, ``entropy_coeff``, ``critic_coeff``, ``clip_value``.
+            ``clip_epsilon``, ``entropy_coeff``, ``critic_coeff``. TorchRL arguments with no Metta
+            meaning (``loss_critic_type``, ``samples_mc_entropy``, ``entropy_bonus``, asymmetric
+            ``clip_epsilon``, per-head ``entropy_coeff``) are refused, naming the alternative
+            (``docs/torchrl_conventions.md``).
 
     Input: a ``[B, T]`` tensordict (time last, see ``bridges.torchrl.layout``) with the actor
     and critic inputs, ``action``, the behaviour log-prob (``sample_log_prob`` key, following
     the actor's ``log_prob_keys``), ``value`` recorded at collection, ``("next", reward)``,
     ``("next", terminated)``, optionally ``advantage`` (first pass) and ``priority_weight``.
+    Without ``advantage`` the value estimator computes it (and fills a missing ``value`` from the
+    critic); with ``advantage`` and no ``value``, a ``KeyError`` (:class:`MissingEntryError`).
+    Or keyword tensors (``loss(observation=..., next_reward=...)``): the ``out_keys`` as a tuple.
 
     Per call (SPEC §1, §4.4-4.6), with Metta's ``rewards[:, t+1] = ("next", reward)[:, t]`` and
     ``dones[:, t+1] = ("next", terminated)[:, t]``:
@@ -130,8 +206,12 @@ class MettaPPOLoss(LossModule):
     default_keys = _AcceptedKeys
     tensor_keys: _AcceptedKeys
     default_value_estimator = MettaAdvantage
-    _schedulable_buffers = frozenset((*COEFFICIENTS, "anneal_beta"))
-    SUPPORTED_VALUE_ESTIMATORS = (ValueEstimators.GAE, ValueEstimators.TDLambda, ValueEstimators.VTrace)
+    _schedulable_buffers = frozenset((*COEFFICIENTS, "anneal_beta", *TORCHRL_ALIASES, "clip_value"))
+    """Metta's coefficient buffers, and TorchRL's names that reach them (``loss.entropy_coeff = 0.01``)."""
+    SUPPORTED_VALUE_ESTIMATORS = (
+        ValueEstimators.TD0, ValueEstimators.TD1, ValueEstimators.GAE, ValueEstimators.TDLambda, ValueEstimators.VTrace,
+        ValueEstimators.MAGAE,  # on single-agent [B, T] rows TorchRL's MultiAgentGAE is its GAE
+    )
 
     actor_network: ProbabilisticTensorDictSequential
     critic_network: TensorDictModule
@@ -147,27 +227,57 @@ class MettaPPOLoss(LossModule):
         config: PPOConfig | None = None,
         *,
         functional: bool = True,
+        separate_losses: bool = False,
+        reduction: str | None = None,
+        device: torch.device | str | None = None,
+        clip_value: Any = _UNSET,
         **overrides: Any,
     ) -> None:
+        who = type(self).__name__
+        if reduction not in REDUCTIONS:
+            raise MettaError(
+                f"{who}: reduction={reduction!r} is not supported: Metta's loss is one mean over the call "
+                f"(the advantage is normalized over it, SPEC §4.5), so per-step or summed losses are not "
+                f"defined; use reduction='mean' (or None, the same)"
+            )
+        _refuse_torchrl_only(overrides, who)
         base = (config or PPOConfig()).model_copy(deep=True)
-        _validated_update(base, {TORCHRL_ALIASES.get(k, k): v for k, v in overrides.items()}, "MettaPPOLoss")
+        _validated_update(base, {TORCHRL_ALIASES.get(k, k): v for k, v in overrides.items()}, who)
+        if clip_value is not _UNSET:
+            _validated_update(base, clip_value_settings(clip_value, base.clip_coef), who)
         if not hasattr(actor_network, "get_dist"):
             raise MettaError(
-                f"MettaPPOLoss: actor_network must be a ProbabilisticTensorDictSequential (e.g. "
+                f"{who}: actor_network must be a ProbabilisticTensorDictSequential (e.g. "
                 f"torchrl.modules.ProbabilisticActor) with get_dist, got {type(actor_network).__name__}"
             )
         self._in_keys = None
+        self._out_keys = None
         self._functional = functional
         super().__init__()
+        self.separate_losses = bool(separate_losses)
+        self.reduction = "mean"
         if functional:
             self.convert_to_functional(actor_network, "actor_network")
-            self.convert_to_functional(critic_network, "critic_network")
+            # with separate_losses, parameters the critic shares with the actor get no critic gradient
+            # (TorchRL's compare_against: the critic's copies of them are detached)
+            shared = list(actor_network.parameters()) if separate_losses else None
+            self.convert_to_functional(critic_network, "critic_network", compare_against=shared)
         else:
+            shared = {id(p) for p in actor_network.parameters()} & {id(p) for p in critic_network.parameters()}
+            if separate_losses and shared:
+                raise MettaError(
+                    f"{who}: separate_losses=True with functional=False cannot keep the critic loss off the "
+                    f"{len(shared)} parameter(s) the critic shares with the actor (only the functional loss "
+                    f"holds detached copies of them); use functional=True"
+                )
             self.actor_network, self.actor_network_params = actor_network, None
             self.critic_network, self.critic_network_params = critic_network, None
+        self._actor_in_keys = _external_in_keys(actor_network)
+        self._critic_in_keys = _external_in_keys(critic_network)
         self._base_config = base
         self._config_cache: tuple[dict[str, float], PPOConfig] | None = None
-        device = next(iter(self.parameters()), torch.empty(0)).device
+        if device is None:
+            device = next(iter(self.parameters()), torch.empty(0)).device
         for name in COEFFICIENTS:
             self.register_coeff_buffer(name, getattr(base, name), device=device, dtype=torch.float64)
         beta0 = base.prioritized_experience_replay.prio_beta0
@@ -178,10 +288,11 @@ class MettaPPOLoss(LossModule):
         if log_prob_keys:
             if len(log_prob_keys) > 1:
                 raise MettaError(
-                    f"MettaPPOLoss: the actor has several action heads (log_prob_keys {log_prob_keys}); "
+                    f"{who}: the actor has several action heads (log_prob_keys {log_prob_keys}); "
                     f"Metta's loss takes one log-prob per step: use a single distribution"
                 )
             self.set_keys(sample_log_prob=log_prob_keys[0], action=actor_network.dist_sample_keys[0])
+        self.to(device)
 
     @property
     def functional(self) -> bool:
@@ -199,12 +310,38 @@ class MettaPPOLoss(LossModule):
     # --- coefficients -----------------------------------------------------------------------
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "clip_value":
+            self._set_clip_value(value)
+            return
         super().__setattr__(TORCHRL_ALIASES.get(name, name), value)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "clip_value":
+            return super().__getattr__("vf_clip_coef") if self._base_config.clip_vloss else None
         if name in TORCHRL_ALIASES:
             return super().__getattr__(TORCHRL_ALIASES[name])
         return super().__getattr__(name)
+
+    def _set_clip_value(self, clip_value: Any) -> None:
+        """``loss.clip_value = x`` with ``ClipPPOLoss``'s meaning (:func:`clip_value_settings`)."""
+        settings = clip_value_settings(clip_value, float(self.clip_coef))
+        if settings["clip_vloss"] != self._base_config.clip_vloss:
+            _validated_update(self._base_config, {"clip_vloss": settings["clip_vloss"]}, type(self).__name__)
+            self._config_cache = None
+        if "vf_clip_coef" in settings:
+            self.vf_clip_coef = settings["vf_clip_coef"]
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "MettaPPOLoss":
+        """``to`` / ``double`` / ``half`` / ``cuda``: the networks are cast; the coefficient buffers
+        move to the new device but stay float64, since they are config values (a ``half()`` would
+        round ``clip_coef`` and change the loss)."""
+        kept = {name: self._buffers[name] for name in self._schedulable_buffers if self._buffers.get(name) is not None}
+        super()._apply(fn, *args, **kwargs)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
 
     @property
     def config(self) -> PPOConfig:
@@ -224,14 +361,20 @@ class MettaPPOLoss(LossModule):
 
     # --- keys ---------------------------------------------------------------------------------
 
-    def set_keys(self, **kwargs: NestedKey) -> None:
-        """Point key names at other tensordict entries; forwarded to the value estimator."""
+    def set_keys(self, **kwargs: NestedKey | list[NestedKey]) -> None:
+        """Point key names at other tensordict entries; forwarded to the value estimator.
+
+        ``action`` and ``sample_log_prob`` also take TorchRL's list form with one key (a composite
+        distribution with one head); more keys are refused (one log-prob per step)."""
         accepted = [f.name for f in fields(self._AcceptedKeys)]
         unknown = sorted(set(kwargs) - set(accepted))
         if unknown:
             raise MettaError(
                 f"{type(self).__name__}.set_keys: unknown key name(s) {unknown}; accepted names are {accepted}"
             )
+        for name in ("action", "sample_log_prob"):
+            if name in kwargs:
+                kwargs[name] = single_key(kwargs[name], name, f"{type(self).__name__}.set_keys")
         super().set_keys(**kwargs)
 
     def _forward_value_estimator_keys(self, **kwargs: Any) -> None:
@@ -253,11 +396,18 @@ class MettaPPOLoss(LossModule):
 
     @property
     def in_keys(self) -> list[NestedKey]:
+        """Entries of a full ``[B, T]`` batch the loss reads, as ``ClipPPOLoss`` lists them (TorchRL's
+        keyword call accepts these, ``_`` joining nested names): the networks' inputs (the actor's
+        also under ``"next"``, for TorchRL's estimators), ``action``, the behaviour log-prob and the
+        ``"next"`` reward and flags. Optional entries (``value``, ``advantage``, ``priority_weight``)
+        are not listed: without them the loss's estimator computes the advantage and the value."""
         if self._in_keys is None:
             keys = self.tensor_keys
-            found = [*self.actor_network.in_keys, *self.critic_network.in_keys, keys.action,
-                     keys.sample_log_prob, keys.value, ("next", keys.reward), ("next", keys.terminated)]
-            self._in_keys = list(dict.fromkeys(found))
+            actor_in = self._actor_in_keys
+            found = [*actor_in, *(_under_next(k) for k in actor_in), *self._critic_in_keys,
+                     keys.action, keys.sample_log_prob,
+                     *(_under_next(k) for k in (keys.reward, keys.done, keys.terminated))]
+            self._in_keys = list(dict.fromkeys(unravel_key(k) for k in found))
         return self._in_keys
 
     @in_keys.setter
@@ -266,15 +416,17 @@ class MettaPPOLoss(LossModule):
 
     @property
     def out_keys(self) -> list[str]:
-        return [
-            "loss_objective", "loss_critic", "loss_entropy", "entropy", "kl_approx", "clip_fraction",
-            "importance", "explained_variance", "policy_loss", "value_loss", "approx_kl", "clipfrac",
-            "current_logprobs",
-        ]
+        """Output entries (``select_out_keys`` narrows them, as for TorchRL's losses)."""
+        if self._out_keys is None:
+            self._out_keys = list(OUT_KEYS)
+        return self._out_keys
 
     @out_keys.setter
     def out_keys(self, values: list[str]) -> None:
-        raise MettaError(f"{type(self).__name__}.out_keys is fixed: {self.out_keys}")
+        unknown = [k for k in values if k not in OUT_KEYS]
+        if unknown:
+            raise MettaError(f"{type(self).__name__}.out_keys: unknown output(s) {unknown}; outputs are {list(OUT_KEYS)}")
+        self._out_keys = list(values)
 
     # --- value estimation ---------------------------------------------------------------------
 
@@ -284,8 +436,8 @@ class MettaPPOLoss(LossModule):
         - ``None`` / :class:`MettaAdvantage` (default): Metta's advantage with ``w = 1``.
           ``gamma``, ``gae_lambda``, ``rho_clip``, ``c_clip`` hyperparameters update the loss's
           config, so the first pass and the V-trace recompute use the same values.
-        - ``ValueEstimators.GAE`` / ``TDLambda`` / ``VTrace``: TorchRL's estimator, with Metta's
-          ``gamma``, ``gae_lambda`` and V-trace clips as defaults (``returns = A0 + value``).
+        - ``ValueEstimators.TD0`` / ``TD1`` / ``GAE`` / ``TDLambda`` / ``VTrace`` / ``MAGAE``: TorchRL's estimator,
+          with Metta's ``gamma``, ``gae_lambda`` and V-trace clips as defaults (``returns = A0 + value``).
         - a ``ValueEstimatorBase`` instance or subclass: used as given.
         """
         if value_type is None or value_type is MettaAdvantage:
@@ -315,7 +467,7 @@ class MettaPPOLoss(LossModule):
         else:
             cfg = self._base_config
             defaults: dict[str, Any] = {"gamma": cfg.gamma}
-            if value_type in (ValueEstimators.GAE, ValueEstimators.TDLambda):
+            if value_type in (ValueEstimators.GAE, ValueEstimators.MAGAE, ValueEstimators.TDLambda):
                 defaults["lmbda"] = cfg.gae_lambda
             if value_type == ValueEstimators.VTrace:
                 defaults.update(rho_thresh=cfg.vtrace.rho_clip, c_thresh=cfg.vtrace.c_clip)
@@ -333,6 +485,8 @@ class MettaPPOLoss(LossModule):
         estimators evaluate the critic on the root and ``"next"`` entries together and cannot
         take a value recorded at the root only, so they get a view without it and use their
         own critic values (TorchRL's semantics); the loss keeps reading the recorded values.
+        With no recorded value, the estimator's (the critic's, detached) is written as the
+        recorded one, as TorchRL's estimators do.
         """
         keys = self.tensor_keys
         params = self.critic_network_params.detach() if self._functional else None
@@ -343,33 +497,43 @@ class MettaPPOLoss(LossModule):
         self.value_estimator(view, params=params)
         tensordict.set(keys.advantage, view.get(keys.advantage))
         tensordict.set(keys.value_target, view.get(keys.value_target))
+        if tensordict.get(keys.value, None) is None:
+            tensordict.set(keys.value, view.get(keys.value).detach())
 
     # --- forward ------------------------------------------------------------------------------
 
+    @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        """One minibatch of Metta PPO on a ``[B, T]`` tensordict; see the class docstring."""
+        """One minibatch of Metta PPO on a ``[B, T]`` tensordict; see the class docstring.
+
+        Also callable with keyword tensors, as TorchRL's losses (``loss(observation=..., action=...,
+        next_reward=...)``, names of ``in_keys`` joined by ``_``): returns the ``out_keys`` as a tuple.
+        """
         who = type(self).__name__
         check_batch_time(tensordict, who)
         keys = self.tensor_keys
         td = tensordict  # read only: the networks get selections of their inputs
-        if td.get(keys.advantage, None) is None:
-            td = tensordict.clone(False)  # the first pass writes advantage and value_target: not into the caller's
-            self.first_pass(td)
 
         def read(key: NestedKey, field: str, configured: NestedKey | None = None) -> tuple[NestedKey, str, Tensor]:
             return key, field, read_bt(td, key, field=field, who=who, configured=configured, check_finite=False)
 
-        entries = [read(keys.advantage, "advantage"), read(keys.value, "value"),
-                   read(("next", keys.reward), "reward", keys.reward), read(keys.sample_log_prob, "sample_log_prob")]
+        # the step's own entries first: their shape and dtype errors come before any estimator runs
+        entries = [read(("next", keys.reward), "reward", keys.reward), read(keys.sample_log_prob, "sample_log_prob")]
+        if td.get(keys.advantage, None) is None:
+            td = tensordict.clone(False)  # the first pass writes advantage and value_target: not into the caller's
+            self.first_pass(td)
+        elif td.get(keys.value, None) is None:
+            raise self._missing_value_error()
+        entries += [read(keys.advantage, "advantage"), read(keys.value, "value")]
         prio = read(keys.priority_weight, "priority_weight") if td.get(keys.priority_weight, None) is not None else None
         next_terminated = read_bt(td, ("next", keys.terminated), field="terminated", who=who,
                                   configured=keys.terminated, float32=False, check_flags=False)
         # one reduction: float inputs finite, terminal flags 0/1, priority weights > 0
         check_values(entries, who, flags=(("next", keys.terminated), "terminated", next_terminated), positive=prio)
-        first_adv, values, next_reward, old_logprob = (x for _, _, x in entries)
+        next_reward, old_logprob, first_adv, values = (x for _, _, x in entries)
         prio_weights = prio[2] if prio is not None else None
-        new_logprob, entropy = self._policy_terms(td)
-        new_values = self._new_values(td)
+        new_logprob, entropy, actor_td = self._policy_terms(td)
+        new_values = self._new_values(td, actor_td)
         rewards, dones = metta_rewards_dones(next_reward, next_terminated)
 
         cfg = self._current_config()
@@ -401,6 +565,19 @@ class MettaPPOLoss(LossModule):
         self._clear_weakrefs(tensordict, out, "actor_network_params", "critic_network_params")
         return out
 
+    def _missing_value_error(self) -> MissingEntryError:
+        key = self.tensor_keys.value
+        clip = self.clip_value
+        start = f"clip_value is set to {clip}, but the key" if clip is not None else "the key"
+        return MissingEntryError(
+            f"{start} {key} was not found in the input tensordict. Make sure that the value key passed "
+            f"to PPO exists in the input tensordict: Metta's loss reads the value recorded with the advantage "
+            f"(its returns are advantage + value and the V-trace recompute bootstraps from it, SPEC §4.5) "
+            f"whether or not the value is clipped; record it (e.g. the GAE that wrote the advantage writes it) "
+            f"or drop {self.tensor_keys.advantage!r} so the loss's estimator computes both; if it is under another "
+            f"name than {key!r}, map it with loss.set_keys(value=<your key>)"
+        )
+
     def _require(self, td: TensorDictBase, module_keys: list[NestedKey], module: str) -> None:
         missing = [k for k in module_keys if td.get(k, None) is None]
         if missing:
@@ -409,33 +586,41 @@ class MettaPPOLoss(LossModule):
                 f"tensordict (keys: {sorted(map(str, td.keys(True, True)))})"
             )
 
-    def _policy_terms(self, td: TensorDictBase) -> tuple[Tensor, Tensor]:
-        """``log pi(action | obs)`` and the entropy under the current parameters, ``[B, T]`` each."""
+    def _policy_terms(self, td: TensorDictBase) -> tuple[Tensor, Tensor, TensorDictBase]:
+        """``log pi(action | obs)`` and the entropy under the current parameters, ``[B, T]`` each, and
+        the actor's working tensordict (its inputs plus what its modules wrote, e.g. a shared trunk's
+        ``hidden``)."""
         who = type(self).__name__
-        self._require(td, list(self.actor_network.in_keys), "actor")
-        action = td.get(self.tensor_keys.action, None)
+        keys = self.tensor_keys
+        in_keys = self._actor_in_keys
+        self._require(td, in_keys, "actor")
+        action = td.get(keys.action, None)
         if action is None:
             raise MettaError(
-                f"{who}: the input tensordict has no {self.tensor_keys.action!r} entry (the 'action' key); "
+                f"{who}: the input tensordict has no {keys.action!r} entry (the 'action' key); "
                 f"map it with loss.set_keys(action=<your key>)"
             )
         if action.requires_grad:
-            raise MettaError(f"{who}: the stored action {self.tensor_keys.action!r} requires grad; detach it")
-        actor_in = td.select(*self.actor_network.in_keys)
-        with blame_inputs(who, "the actor network", dict(actor_in.items(True, True)),
+            raise MettaError(f"{who}: the stored action {keys.action!r} requires grad; detach it")
+        actor_td = td.select(*in_keys)
+        with blame_inputs(who, "the actor network", dict(actor_td.items(True, True)),
                           "give the actor the dtype (float32) and feature shape it was built for"):
             with self._parameters_of("actor"):
-                dist = self.actor_network.get_dist(actor_in)
-        with blame_inputs(who, "the actor's log_prob", {self.tensor_keys.action: action},
+                dist = self.actor_network.get_dist(actor_td)
+        composite = isinstance(dist, CompositeDistribution)
+        with blame_inputs(who, "the actor's log_prob", {keys.action: action},
                           "actions must lie in the action space, one per step ([B, T] indices for a Categorical)"):
-            log_prob = dist.log_prob(action)
+            log_prob = dist.log_prob(td.select(keys.action) if composite else action)
         try:
             entropy = dist.entropy()
         except NotImplementedError as exc:
             raise MettaError(
-                f"{who}: the actor's distribution {type(dist).__name__} has no entropy(); Metta's loss "
-                f"needs the analytic entropy: use a distribution that implements it"
+                f"{who}: the actor's distribution {_dist_name(dist)} has no analytic entropy(); Metta's loss "
+                f"needs the analytic entropy (no Monte-Carlo estimate): use a distribution that implements it "
+                f"(e.g. IndependentNormal instead of TanhNormal)"
             ) from exc
+        log_prob = _one_head(log_prob, keys.sample_log_prob, "log_prob", who)
+        entropy = _one_head(entropy, None, "entropy", who)
         bt = tuple(td.batch_size)
         for name, x in (("log_prob", log_prob), ("entropy", entropy)):
             if tuple(x.shape) != bt:
@@ -444,12 +629,23 @@ class MettaPPOLoss(LossModule):
                     f"has shape {tuple(x.shape)}, expected {bt} (one per step); check the action's shape, and for "
                     f"vector actions wrap the distribution in Independent(..., 1)"
                 )
-        return log_prob, entropy
+        return log_prob, entropy, actor_td
 
-    def _new_values(self, td: TensorDictBase) -> Tensor:
-        """``V(o_t)`` under the current critic parameters, ``[B, T]``."""
-        self._require(td, list(self.critic_network.in_keys), "critic")
-        critic_in = td.select(*self.critic_network.in_keys)
+    def _new_values(self, td: TensorDictBase, actor_td: TensorDictBase) -> Tensor:
+        """``V(o_t)`` under the current critic parameters, ``[B, T]``.
+
+        The critic reads what the actor's modules wrote first (a shared trunk's output, with its
+        gradient: TorchRL's ``ActorValueOperator`` pattern), then the input; with
+        ``separate_losses`` its input is detached, so the critic loss does not reach a shared trunk."""
+        in_keys = self._critic_in_keys
+        from_actor = [k for k in in_keys if actor_td.get(k, None) is not None]
+        critic_in = actor_td.select(*from_actor)
+        if len(from_actor) < len(in_keys):
+            rest = [k for k in in_keys if k not in from_actor]
+            self._require(td, rest, "critic")
+            critic_in.update(td.select(*rest))
+        if self.separate_losses:
+            critic_in = critic_in.detach()
         with blame_inputs(type(self).__name__, "the critic network", dict(critic_in.items(True, True)),
                           "give the critic the dtype (float32) and feature shape it was built for"):
             with self._parameters_of("critic"):
@@ -459,6 +655,12 @@ class MettaPPOLoss(LossModule):
             raise MettaError(
                 f"{type(self).__name__}: the critic writes {self.critic_network.out_keys}, not the value key "
                 f"{key!r}; use loss.set_keys(value=<the critic's out key>)"
+            )
+        if isinstance(out.get(key), TensorDictBase):
+            raise MettaError(
+                f"{type(self).__name__}: the critic writes a tensordict of values under {key!r} "
+                f"({sorted(map(str, out.get(key).keys(True, True)))}); Metta's critic loss takes one value per "
+                f"step: use one value head"
             )
         return read_bt(out, key, field="value", who=f"{type(self).__name__} (critic output)")
 
@@ -492,9 +694,78 @@ class MettaPPOLoss(LossModule):
         self.phase_stats.load_state_dict(state["tracker"])
 
 
+TORCHRL_ONLY = {
+    "loss_critic_type": "Metta's critic loss is 0.5 * max((V - R)^2, (V_clipped - R)^2) (SPEC §4.5); drop the "
+                        "argument (TorchRL's 'l2' is twice it: critic_coeff scales the term)",
+    "samples_mc_entropy": "Metta's entropy bonus is the distribution's analytic entropy, never a Monte-Carlo "
+                          "estimate; drop the argument and use a distribution with entropy()",
+    "entropy_bonus": "Metta's loss always has the entropy term; entropy_coeff=0 (ent_coef=0) turns it off",
+}
+"""``ClipPPOLoss`` arguments with no Metta meaning, and why (the error names the alternative)."""
+
+
+def _refuse_torchrl_only(overrides: dict[str, Any], who: str) -> None:
+    """Refuse TorchRL arguments Metta's semantics do not define, naming the reason and the alternative."""
+    for name, reason in TORCHRL_ONLY.items():
+        if name in overrides:
+            raise MettaError(f"{who}: {name}={overrides[name]!r} is not supported: {reason}")
+    for name in ("clip_epsilon", "clip_coef"):
+        if isinstance(overrides.get(name), (tuple, list)):
+            raise MettaError(
+                f"{who}: {name}={overrides[name]!r}: Metta's policy clip is symmetric, one clip_coef "
+                f"(SPEC §4.5); pass a float"
+            )
+    for name in ("entropy_coeff", "ent_coef"):
+        if isinstance(overrides.get(name), Mapping):
+            raise MettaError(
+                f"{who}: {name} as a mapping per head: Metta's loss has one action head (one log-prob per "
+                f"step), so one entropy coefficient; pass a float"
+            )
+
+
 def _validated_update(cfg: PPOConfig, updates: dict[str, Any], who: str) -> None:
     """``cfg.update(updates)`` with range errors reported as ``MettaError``."""
     try:
         cfg.update(updates)
     except ValidationError as exc:
         raise MettaError(f"{who}: invalid PPOConfig value(s) {updates}: {exc}") from exc
+
+
+def _external_in_keys(module: TensorDictModule) -> list[NestedKey]:
+    """``module.in_keys`` without the entries its own submodules write (a composite actor lists
+    its ``"params"`` parent as an input): what the input tensordict must hold."""
+    written = [unravel_key(k) for k in module.out_keys]
+    written = [k if isinstance(k, tuple) else (k,) for k in written]
+
+    def produced(key: NestedKey) -> bool:
+        key = unravel_key(key)
+        key = key if isinstance(key, tuple) else (key,)
+        return any(w[: len(key)] == key for w in written)
+
+    return [k for k in module.in_keys if not produced(k)]
+
+
+def _under_next(key: NestedKey) -> NestedKey:
+    return unravel_key(("next", key))
+
+
+def _dist_name(dist: Any) -> str:
+    if isinstance(dist, CompositeDistribution):
+        return f"CompositeDistribution({', '.join(type(d).__name__ for d in dist.dists.values())})"
+    return type(dist).__name__
+
+
+def _one_head(x: Tensor | TensorDictBase, key: NestedKey | None, name: str, who: str) -> Tensor:
+    """The one ``[B, T]`` tensor of a distribution's ``log_prob`` / ``entropy``: the tensor itself, or
+    for a composite distribution the entry ``key`` (else its one leaf); several heads are refused."""
+    if isinstance(x, Tensor):
+        return x
+    if key is not None and x.get(key, None) is not None:
+        return x.get(key)
+    leaves = list(x.items(True, True))
+    if len(leaves) != 1:
+        raise MettaError(
+            f"{who}: the actor's composite distribution gives a {name} per head ({[k for k, _ in leaves]}); "
+            f"Metta's loss takes one log-prob per step: use one head"
+        )
+    return leaves[0][1]
