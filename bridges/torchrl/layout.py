@@ -88,7 +88,7 @@ def read_bt(
     """``td[key]`` as a ``[B, T]`` tensor (a trailing feature dim of size 1 is dropped).
 
     With ``float32`` the entry must be float32 and finite (with ``check_finite=False`` the caller
-    checks finiteness, e.g. of several entries at once with :func:`require_finite`); otherwise
+    checks finiteness, e.g. of several entries at once with :func:`check_values`); otherwise
     (flags) bool, integer or floating, and (unless ``check_flags=False``, when the caller checks them
     with :func:`check_values`) every value 0 or 1. Every failure names the key, shape or dtype, and the
     ``set_keys`` call for ``field`` (whose current value is ``configured``, ``key`` when not given).
@@ -176,11 +176,6 @@ def check_values(
                 f"{who}: {key!r} ({field}) holds {int((x <= 0).sum())} value(s) <= 0 (min {float(x.min()):.3g}); "
                 f"importance weights are > 0: use the weights MettaSegmentSampler writes, or drop the entry"
             )
-
-
-def require_finite(entries: Sequence[tuple[NestedKey, str, Tensor]], who: str) -> None:
-    """``check_values`` of finiteness only (kept for callers that check nothing else)."""
-    check_values(entries, who)
 
 
 @contextmanager
