@@ -17,13 +17,20 @@ from contextlib import contextmanager
 from typing import Iterator
 
 SPIN = "while True: pass"
+_running = 0
+"""Spinners started by ``busy_machine`` blocks of this process that are still running."""
 
 
 @contextmanager
 def busy_machine(enabled: bool = True, processes: int | None = None) -> Iterator[int]:
-    """Run the block with ``processes`` (default: one per core) spinning processes; yields their count."""
-    count = (processes or os.cpu_count() or 1) if enabled else 0
+    """Run the block with ``processes`` (default: one per core) spinning processes; yields their count.
+
+    Inside a block that already spins (``python -m benchmarks --busy`` calling a benchmark's
+    ``main(["--busy"])``) no further spinners start."""
+    global _running
+    count = (processes or os.cpu_count() or 1) if enabled and not _running else 0
     spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(count)]
+    _running += count
     try:
         yield count
     finally:
@@ -31,8 +38,9 @@ def busy_machine(enabled: bool = True, processes: int | None = None) -> Iterator
             p.terminate()
         for p in spinners:
             p.wait()
+        _running -= count
 
 
-def load_label(busy: bool) -> str:
-    """``"busy (N spinners)"`` or ``"idle"``, for table titles."""
-    return f"busy ({os.cpu_count()} spinning processes)" if busy else "idle (no spinners)"
+def load_label() -> str:
+    """The load the current timings run under, for table titles and JSON."""
+    return f"busy ({_running} spinning processes)" if _running else "idle (no spinners)"

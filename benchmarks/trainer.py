@@ -226,10 +226,11 @@ def main(argv=None) -> dict:
         print(json.dumps(summarize(rows)))
         return {}
     with busy_machine(enabled=args.busy):
+        label = load_label()
         med = measure(args.repeats, args.iterations, args.threads, sizes)
-    text, ratios = table(med, f"{load_label(args.busy)}, {args.threads} torch thread(s), medians of {args.repeats} processes per side")
+    text, ratios = table(med, f"{label}, {args.threads} torch thread(s), medians of {args.repeats} processes per side")
     print(text)
-    result = {"load": load_label(args.busy), "threads": args.threads, "sides": med, "ratios": ratios}
+    result = {"load": label, "threads": args.threads, "sides": med, "ratios": ratios}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
