@@ -1,6 +1,6 @@
 """The core trainer against a plain PyTorch PPO loop doing the same work with the same network.
 
-    python -m benchmarks.trainer [--busy] [--repeats 5] [--iterations 8] [--threads 1] [--json out.json]
+    python -m benchmarks.trainer [--busy] [--repeats 5] [--iterations 8] [--threads 1] [--clock wall] [--json out.json]
 
 Both sides, on CartPole-v1 with the ``metta-bridges train`` defaults (8 envs, 2048 env steps per
 iteration, 4 epochs x 4 minibatches of 512, tanh MLPs 64x64, Adam lr 1e-3, grad-norm clip 0.5):
@@ -36,6 +36,8 @@ from pathlib import Path
 from benchmarks.busy import busy_machine, load_label
 
 TARGETS = {"steps_per_s": 0.7, "phase": 1.2}
+CLOCK = time.perf_counter
+"""The workers' clock: wall time, or this process's CPU time with ``--clock cpu``."""
 SIDES = ("core", "plain")
 
 
@@ -49,18 +51,18 @@ def run_core(iterations: int, num_envs: int = 8, batch_size: int = 2048) -> list
     timed: dict[str, float] = {}
 
     def timed_rollout(*args, **kwargs):
-        start = time.perf_counter()
+        start = CLOCK()
         result = rollout_phase(*args, **kwargs)
-        timed["rollout"] = time.perf_counter() - start
+        timed["rollout"] = CLOCK() - start
         return result
 
     run.loop.rollout_phase = timed_rollout
     rows = []
     for i in range(iterations + 1):
-        start = time.perf_counter()
+        start = CLOCK()
         before = run.env_steps
         run.iteration()
-        total = time.perf_counter() - start
+        total = CLOCK() - start
         if i:  # the first iteration is the warm-up
             rows.append({"steps": run.env_steps - before, "rollout": timed["rollout"], "phase": total - timed["rollout"]})
     run.close()
@@ -151,11 +153,11 @@ def run_plain(iterations: int, num_envs: int = 8, batch_size: int = 2048, seed: 
 
     rows = []
     for i in range(iterations + 1):
-        start = time.perf_counter()
+        start = CLOCK()
         rollout()
-        mid = time.perf_counter()
+        mid = CLOCK()
         phase()
-        end = time.perf_counter()
+        end = CLOCK()
         if i:
             rows.append({"steps": batch_size, "rollout": mid - start, "phase": end - mid})
     envs.close()
@@ -171,19 +173,19 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     }
 
 
-def spawn(side: str, iterations: int, threads: int, sizes: dict) -> dict[str, float]:
+def spawn(side: str, iterations: int, threads: int, sizes: dict, clock: str) -> dict[str, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "benchmarks.trainer", "--worker", side, "--iterations", str(iterations),
-           "--threads", str(threads), "--num-envs", str(sizes["num_envs"]), "--batch-size", str(sizes["batch_size"])]
+           "--threads", str(threads), "--num-envs", str(sizes["num_envs"]), "--batch-size", str(sizes["batch_size"]), "--clock", clock]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(repeats: int, iterations: int, threads: int, sizes: dict) -> dict[str, dict[str, float]]:
+def measure(repeats: int, iterations: int, threads: int, sizes: dict, clock: str) -> dict[str, dict[str, float]]:
     samples: dict[str, list[dict]] = {side: [] for side in SIDES}
     for r in range(repeats):
         for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
-            samples[side].append(spawn(side, iterations, threads, sizes))
+            samples[side].append(spawn(side, iterations, threads, sizes, clock))
     return {side: {k: statistics.median(s[k] for s in rows) for k in rows[0]} for side, rows in samples.items()}
 
 
@@ -215,22 +217,26 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-envs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: process CPU time, less disturbed by other jobs on a shared machine")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = {"num_envs": args.num_envs, "batch_size": args.batch_size}
     if args.worker:
         import torch
 
+        global CLOCK
+        CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
         torch.set_num_threads(args.threads)
         rows = (run_core if args.worker == "core" else run_plain)(args.iterations, **sizes)
         print(json.dumps(summarize(rows)))
         return {}
     with busy_machine(enabled=args.busy):
         label = load_label()
-        med = measure(args.repeats, args.iterations, args.threads, sizes)
-    text, ratios = table(med, f"{label}, {args.threads} torch thread(s), medians of {args.repeats} processes per side")
+        med = measure(args.repeats, args.iterations, args.threads, sizes, args.clock)
+    text, ratios = table(med, f"{label}, {args.threads} torch thread(s), {args.clock} clock, medians of {args.repeats} processes per side")
     print(text)
-    result = {"load": label, "threads": args.threads, "sides": med, "ratios": ratios}
+    result = {"load": label, "threads": args.threads, "clock": args.clock, "sides": med, "ratios": ratios}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
