@@ -6,6 +6,7 @@ import os
 
 import numba
 import numpy as np
+import pytest
 
 from benchmarks import advantage as bench_advantage
 from benchmarks import busy, trainer
@@ -21,6 +22,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # two tiny training iterations per side
 def test_both_sides_run_and_summarize():
     for run in (trainer.run_core, trainer.run_plain):
         rows = run(1, **TINY)
