@@ -79,5 +79,8 @@ def _cmdline(pid: str) -> str:
 
 
 def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().split(") ")[1].split()[1])
+    try:  # other jobs' processes come and go while /proc is read
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().split(") ")[1].split()[1])
+    except OSError:
+        return -1
