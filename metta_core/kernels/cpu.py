@@ -64,10 +64,14 @@ def _block(values, rewards, dones, ratio, s0, n_rows, gamma, gl, rho_clip, c_cli
 
 
 PARALLEL_MIN_ELEMENTS = 1 << 16
-"""Below this many elements (``segments * horizon``) the kernel runs on one thread: measured with
-``python -m benchmarks.advantage --crossover`` on a 2-core machine, a 2-thread call only beats the
-serial one from about 64k elements on (a thread team costs tens of microseconds to start and
-much more when the other core is busy)."""
+"""Below this many elements (``segments * horizon``) the kernel runs on one thread.
+
+``python -m benchmarks.advantage --crossover`` on the 2-core machine (shared, load average
+~10): with the second core free a 2-thread call takes 0.4-0.8x the serial time from 2k elements
+on, but the gain below 64k elements is at most tens of microseconds, while a call whose second
+thread waits for a busy core can take several times the serial time. 64k keeps the training
+phase's per-minibatch calls (512 elements with the CLI defaults) and small buffers off the pool.
+"""
 
 
 def kernel_threads(segments: int, horizon: int, budget: int, pool: int) -> int:
