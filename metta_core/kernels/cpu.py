@@ -15,6 +15,7 @@ thread runs ``advantage_serial``, which never touches numba's threading layer; m
 ``advantage_parallel`` under a numba thread mask (``numba.set_num_threads``) that is restored
 after the call.
 """
+
 from __future__ import annotations
 
 import numba
