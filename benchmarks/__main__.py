@@ -1,8 +1,9 @@
 """Every benchmark in one command; each prints its table and writes ``<out>/<name>.json``.
 
-    python -m benchmarks [--out runs/benchmarks] [--only advantage overhead ...] [--sample-efficiency]
+    python -m benchmarks [--busy] [--out runs/benchmarks] [--only advantage overhead ...] [--sample-efficiency]
 
 advantage          the advantage kernel vs a C -O3 loop, TorchRL GAE, RLlib value targets
+trainer            the core trainer vs a plain CleanRL-style PyTorch loop (rollout and phase)
 overhead           bridge loss/update cost vs the core and vs the native PPO losses
 throughput         end-to-end env steps/s, Metta vs native, in TorchRL and RLlib
 memory             peak RSS of a training phase and RSS growth over 50 phases
@@ -11,7 +12,9 @@ sample_efficiency  env steps to return 475 on CartPole-v1, 3 seeds x 5 learners 
                    with --sample-efficiency or --only sample_efficiency)
 
 Times are medians of interleaved repeats and are reported as ratios against anchors measured in
-the same run; nothing here asserts on speed.
+the same run; nothing here asserts on speed. ``--busy`` runs every benchmark beside one spinning
+process per core (started and stopped here, ``benchmarks.busy``) and writes
+``<out>/<name>-busy.json``: the ratios a shared machine gets.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import argparse
 import importlib
 from pathlib import Path
 
-QUICK = ["advantage", "overhead", "throughput", "memory"]
+from benchmarks.busy import busy_machine, load_label
+
+QUICK = ["advantage", "trainer", "overhead", "throughput", "memory"]
 ALL = [*QUICK, "sample_efficiency"]
 
 
@@ -30,11 +35,14 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks"))
     parser.add_argument("--only", nargs="+", choices=ALL, default=None)
     parser.add_argument("--sample-efficiency", action="store_true", help="also run the (long) sample-efficiency runs")
+    parser.add_argument("--busy", action="store_true", help="one spinning process per core beside every timing")
     args = parser.parse_args(argv)
     names = args.only or (ALL if args.sample_efficiency else QUICK)
+    suffix = "-busy" if args.busy else ""
     for name in names:
-        print(f"\n=== benchmarks.{name} ===", flush=True)
-        importlib.import_module(f"benchmarks.{name}").main(["--json", str(args.out / f"{name}.json")])
+        with busy_machine(enabled=args.busy):
+            print(f"\n=== benchmarks.{name}, {load_label()} ===", flush=True)
+            importlib.import_module(f"benchmarks.{name}").main(["--json", str(args.out / f"{name}{suffix}.json")])
 
 
 if __name__ == "__main__":

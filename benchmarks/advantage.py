@@ -1,11 +1,16 @@
 """Advantage kernel benchmark: metta_core.compute_advantage against anchors measured in the same run.
 
-    python -m benchmarks.advantage [--repeats 30] [--json runs/bench_advantage.json]
+    python -m benchmarks.advantage [--busy] [--repeats 30] [--json runs/bench_advantage.json]
+    python -m benchmarks.advantage --crossover [--busy]   # serial vs 2-thread kernel by size
 
 Anchors: a plain scalar C loop (gcc -O3, compiled here when gcc exists), a PyTorch loop over
 time, TorchRL's GAE kernels and RLlib's value-target code (both on ratio-1 data, where SPEC §2
 is plain GAE). Times are medians of interleaved repeats; ratios are against the C loop (lower
-is faster). No assertion: speed goals are read off the table.
+is faster). ``compute_advantage`` picks its own thread count from ``torch.get_num_threads()``
+(``metta_core.kernels.cpu.kernel_threads``), so the "thr" column is the torch budget.
+``--busy`` runs every timing beside one spinning process per core (``benchmarks.busy``).
+``--crossover`` times the kernel's serial and 2-thread entry points over growing sizes: where
+the ratio falls below 1 is ``PARALLEL_MIN_ELEMENTS``. No assertion: speed goals are read off the table.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import numba
 import numpy as np
 import torch
 
+from benchmarks.busy import busy_machine, load_label
 from metta_core.advantage import compute_advantage
+from metta_core.kernels import cpu as cpu_kernel
 from metta_core.kernels.scan import advantage_scan
 
 SHAPES = [(16384, 64), (1024, 256)]
@@ -117,11 +124,33 @@ def measure(fns: dict[str, Callable], repeats: int, slow: set[str]) -> dict[str,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
+CROSSOVER_SHAPES = [(64, 32), (256, 32), (256, 64), (512, 64), (1024, 64), (2048, 64), (4096, 64), (16384, 64), (1024, 256)]
+
+
+def crossover(repeats: int, shapes=CROSSOVER_SHAPES) -> dict:
+    """Median time of ``advantage_serial`` and of ``advantage_parallel`` on 2 threads, by size."""
+    rows = []
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for shape in shapes:
+            n = make_data(shape)["numpy"]
+            out = np.empty_like(n["values"])
+            args = (n["values"], n["rewards"], n["dones"], n["ratio"], *map(np.float32, (GAMMA, LAMBDA, RHO, C)), out)
+            med = measure({"serial": lambda: cpu_kernel.advantage_serial(*args),
+                           "2 threads": lambda: cpu_kernel.advantage_parallel(*args, 2)}, repeats, slow=set())
+            rows.append({"shape": list(shape), "elements": shape[0] * shape[1], "serial_us": med["serial"] * 1e6,
+                         "parallel_us": med["2 threads"] * 1e6, "ratio": med["2 threads"] / med["serial"]})
+    finally:
+        numba.set_num_threads(previous)
+    print(f"{'shape':>12} {'elements':>9} {'serial us':>10} {'2 thr us':>10} {'2thr/serial':>12}")
+    for r in rows:
+        print(f"{str(tuple(r['shape'])):>12} {r['elements']:>9} {r['serial_us']:>10.1f} {r['parallel_us']:>10.1f} {r['ratio']:>12.2f}")
+    print(f"PARALLEL_MIN_ELEMENTS = {cpu_kernel.PARALLEL_MIN_ELEMENTS}")
+    return {"crossover": rows}
+
+
+def run_all(repeats: int) -> dict:
     c_loop = compile_c_loop()
     results = []
     for shape in SHAPES:
@@ -134,9 +163,8 @@ def main(argv=None) -> dict:
             ours = compute_advantage(*(data["torch"][k] for k in ("values", "rewards", "dones", "ratio")), gamma=GAMMA, gae_lambda=LAMBDA)
             assert np.array_equal(ours.numpy(), fns["C -O3 loop (anchor)"]()), "kernel disagrees with the C loop"
         for threads in (1, 2):
-            torch.set_num_threads(threads)
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-            med = measure(fns, args.repeats, slow={"rllib compute_value_targets", "torchrl generalized_advantage_estimate", "torch loop over time"})
+            torch.set_num_threads(threads)  # the kernel's budget (it never uses more)
+            med = measure(fns, repeats, slow={"rllib compute_value_targets", "torchrl generalized_advantage_estimate", "torch loop over time"})
             anchor = med.get("C -O3 loop (anchor)")
             for name, sec in med.items():
                 results.append({"shape": list(shape), "threads": threads, "name": name, "ms": sec * 1e3,
@@ -145,10 +173,24 @@ def main(argv=None) -> dict:
     for r in results:
         ratio = f"{r['ratio_vs_c_loop']:.2f}" if r["ratio_vs_c_loop"] is not None else "n/a"
         print(f"{str(tuple(r['shape'])):>12} {r['threads']:>3}  {r['name']:<44} {r['ms']:>9.3f} {ratio:>9}")
+    return {"results": results}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--busy", action="store_true", help="one spinning process per core beside every timing")
+    parser.add_argument("--crossover", action="store_true", help="serial vs 2-thread kernel over sizes")
+    args = parser.parse_args(argv)
+    with busy_machine(enabled=args.busy):
+        label = load_label()
+        result = crossover(args.repeats) if args.crossover else run_all(args.repeats)
+    print(f"load: {label}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
-    return {"results": results}
+        args.json.write_text(json.dumps({"load": label, **result}, indent=2))
+    return result
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ from metta_core.kernels.scan import advantage_scan
 try:  # the compiled CPU kernel; numba is a dependency, but keep working without it
     import numba
 
-    from metta_core.kernels.cpu import advantage_cpu as _advantage_cpu
+    import numpy as np
+
+    from metta_core.kernels import cpu as _advantage_cpu
 except ImportError as exc:  # pragma: no cover - exercised by forcing the fallback in tests
     numba = None
     _advantage_cpu = None
@@ -146,6 +148,30 @@ def _use_compiled(values: Tensor) -> bool:
     return False
 
 
+def _run_compiled(arrays: list[Tensor], scalars: list[float], out: Tensor) -> None:
+    """The compiled kernel under the thread policy of ``metta_core.kernels.cpu.kernel_threads``.
+
+    The budget is ``torch.get_num_threads()``; torch's setting is never changed: numba's OpenMP
+    layer sets the process's OpenMP thread count to its own pool size when it starts (which is
+    torch's count too when both use the same OpenMP runtime), so the budget is put back if it moved.
+    """
+    budget = torch.get_num_threads()
+    segments, horizon = arrays[0].shape
+    threads = _advantage_cpu.kernel_threads(segments, horizon, budget, numba.config.NUMBA_NUM_THREADS)
+    args = (*(a.numpy() for a in arrays), *(np.float32(x) for x in scalars), out.numpy())
+    if threads == 1:
+        _advantage_cpu.advantage_serial(*args)
+        return
+    previous = numba.get_num_threads()  # the first call starts numba's threading layer
+    numba.set_num_threads(threads)
+    try:
+        _advantage_cpu.advantage_parallel(*args, threads)
+    finally:
+        numba.set_num_threads(previous)
+        if torch.get_num_threads() != budget:
+            torch.set_num_threads(budget)
+
+
 @torch.no_grad()
 def compute_advantage(
     values: Tensor,
@@ -172,8 +198,9 @@ def compute_advantage(
         A[t]  = delta + gamma * gae_lambda * c * nnt * A[t+1]
 
     With ``w == 1`` and clips >= 1 this is GAE(lambda) on rewards shifted by one column.
-    CPU tensors use a compiled kernel (bit-identical to the sequential float32 loop); other
-    devices (and CPU without numba, or ``METTA_ADVANTAGE_BACKEND=torch``) use a log-depth scan.
+    CPU tensors use a compiled kernel (bit-identical to the sequential float32 loop) on at most
+    ``torch.get_num_threads()`` threads, one below 64k elements (``metta_core.kernels.cpu``);
+    other devices (and CPU without numba, or ``METTA_ADVANTAGE_BACKEND=torch``) use a log-depth scan.
 
     Shapes, dtypes and hyperparameter ranges are always checked; with ``check_values`` (the
     default) also, in one fused reduction, that the inputs are finite, ``dones`` are 0/1 flags,
@@ -200,14 +227,7 @@ def _advantage(
         arrays = [x.detach().contiguous() for x in (values, rewards, dones, importance_sampling_ratio)]
         out = torch.empty_like(arrays[0])
         f32 = torch.tensor([gamma, gae_lambda, rho_clip, c_clip], dtype=torch.float32).tolist()
-        import numpy as np  # numba implies numpy
-
-        _advantage_cpu(
-            *(a.numpy() for a in arrays),
-            *(np.float32(x) for x in f32),
-            out.numpy(),
-            numba.get_num_threads(),
-        )
+        _run_compiled(arrays, f32, out)
         return out
     return advantage_scan(
         values.detach(), rewards.detach(), dones, importance_sampling_ratio.detach(),

@@ -61,6 +61,31 @@ def mlp(n_in: int, hidden: Sequence[int], n_out: int, out_std: float) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
+def categorical_terms(logits: Tensor, action: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(action, log_prob(action), entropy)`` of ``Categorical(logits=logits)`` over the last dim.
+
+    With ``action=None`` an action is sampled (``torch.multinomial`` on the global RNG, one draw
+    per row, as ``Categorical.sample`` does). The same tensor operations run in the same order
+    as in ``torch.distributions.Categorical`` (so values, gradients and RNG draws are
+    bit-identical), without building the distribution object and validating its arguments,
+    which costs more than the math at rollout batch sizes::
+
+        logits   = out - logsumexp(out)              log_prob = logits[action]
+        probs    = softmax(logits)                   entropy  = -sum(max(logits, finfo.min) * probs)
+    """
+    logits = logits - logits.logsumexp(dim=-1, keepdim=True)
+    probs = None
+    if action is None:
+        probs = torch.softmax(logits, dim=-1)
+        action = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, True).reshape(probs.shape[:-1])
+    log_prob = logits.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
+    clamped = torch.clamp(logits, min=torch.finfo(logits.dtype).min)
+    if probs is None:
+        probs = torch.softmax(logits, dim=-1)
+    entropy = -(clamped * probs).sum(-1)
+    return action, log_prob, entropy
+
+
 class ActorCritic(nn.Module):
     """Separate actor and critic MLPs over a flat observation.
 
@@ -73,7 +98,7 @@ class ActorCritic(nn.Module):
         if not isinstance(observation_space, gym.spaces.Box):
             raise MettaError(f"ActorCritic needs a Box observation space, got {observation_space}")
         self.obs_shape = tuple(observation_space.shape)
-        obs_dim = int(np.prod(self.obs_shape))
+        self.obs_dim = obs_dim = int(np.prod(self.obs_shape))
         if isinstance(action_space, gym.spaces.Discrete):
             self.continuous = False
             self.action_shape: tuple[int, ...] = ()
@@ -101,28 +126,33 @@ class ActorCritic(nn.Module):
                 f"for the observation space of shape {self.obs_shape}; check the env or the policy's observation space"
             )
         batch = obs.shape[: obs.dim() - len(self.obs_shape)]
-        flat_obs = obs.reshape(-1, int(np.prod(self.obs_shape))).float()
-        dist = self.distribution(flat_obs)
-        if action is None:
-            action = dist.sample()
-            td["actions"] = action.reshape(*batch, *self.action_shape)
-        else:
+        flat_obs = obs.reshape(-1, self.obs_dim).float()
+        sampled = action is None
+        if not sampled:
             if tuple(action.shape) != (*batch, *self.action_shape):
                 raise MettaError(
                     f"ActorCritic: action has shape {tuple(action.shape)}, expected {(*batch, *self.action_shape)} "
                     f"(the observation batch {tuple(batch)} times the action space's shape {self.action_shape})"
                 )
             action = action.reshape(-1, *self.action_shape)
+        dist = self.distribution(flat_obs) if self.continuous else None
+        logits = None if self.continuous else self.actor(flat_obs)
         try:
-            log_prob = dist.log_prob(action)
-        except (ValueError, RuntimeError, IndexError) as exc:  # outside the space: torch's support check, or
-            # an index error when another library switched distribution validation off
+            if dist is None:  # Categorical's math without the distribution object (categorical_terms)
+                action, log_prob, entropy = categorical_terms(logits, action)
+            else:
+                action = dist.sample() if sampled else action
+                log_prob, entropy = dist.log_prob(action), dist.entropy()
+        except (ValueError, RuntimeError, IndexError) as exc:  # outside the space: torch's support check,
+            # or the index error of an out-of-range discrete action
             raise MettaError(
                 f"ActorCritic: the action {tuple(action.shape)} is outside the action space ({exc}); pass actions "
                 f"sampled from this policy's action space"
             ) from None
+        if sampled:
+            td["actions"] = action.reshape(*batch, *self.action_shape)
         td["act_log_prob"] = log_prob.reshape(batch)
-        td["entropy"] = dist.entropy().reshape(batch)
+        td["entropy"] = entropy.reshape(batch)
         td["values"] = self.critic(flat_obs).reshape(batch)
         return td
 

@@ -4,7 +4,16 @@ Layout: rows are processed four at a time in two passes. Pass 1 reads each row f
 (prefetch-friendly, vectorizable) into a small scratch of TD errors ``delta`` and trace coefficients ``coef``;
 pass 2 runs the four independent recursions ``A[t] = delta[t] + coef[t] * A[t+1]``
 interleaved, so their latency overlaps instead of one chain stalling the core, and writes the
-four output rows directly. Blocks of rows are spread over numba's threads (``numba.set_num_threads``).
+four output rows directly. Every row's arithmetic is the same whatever the thread count, so the
+serial and the parallel entry points give the same bits.
+
+Thread policy (``kernel_threads``): the kernel runs on ``min(budget, numba's pool, blocks)``
+threads, where ``budget`` is the caller's (``torch.get_num_threads()`` in
+``metta_core.advantage``, which follows ``OMP_NUM_THREADS``), and on one thread below
+``PARALLEL_MIN_ELEMENTS`` elements, where starting a thread team costs more than it saves. One
+thread runs ``advantage_serial``, which never touches numba's threading layer; more run
+``advantage_parallel`` under a numba thread mask (``numba.set_num_threads``) that is restored
+after the call.
 """
 
 from __future__ import annotations
@@ -55,10 +64,47 @@ def _block(values, rewards, dones, ratio, s0, n_rows, gamma, gl, rho_clip, c_cli
                 out[s0 + i, t] = a
 
 
+PARALLEL_MIN_ELEMENTS = 1 << 16
+"""Below this many elements (``segments * horizon``) the kernel runs on one thread.
+
+``python -m benchmarks.advantage --crossover`` on the 2-core machine (shared, load average
+~10): with the second core free a 2-thread call takes 0.4-0.8x the serial time from 2k elements
+on, but the gain below 64k elements is at most tens of microseconds, while a call whose second
+thread waits for a busy core can take several times the serial time. 64k keeps the training
+phase's per-minibatch calls (512 elements with the CLI defaults) and small buffers off the pool.
+"""
+
+
+def kernel_threads(segments: int, horizon: int, budget: int, pool: int) -> int:
+    """Threads for one call: ``min(budget, pool, row blocks)``, and 1 below ``PARALLEL_MIN_ELEMENTS``.
+
+    ``budget`` is the caller's thread budget, ``pool`` the size of numba's thread pool
+    (``numba.config.NUMBA_NUM_THREADS``).
+    """
+    if segments * horizon < PARALLEL_MIN_ELEMENTS:
+        return 1
+    n_blocks = (segments + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK
+    return max(1, min(budget, pool, n_blocks))
+
+
+@numba.njit(cache=True, boundscheck=False)
+def advantage_serial(values, rewards, dones, ratio, gamma, gae_lambda, rho_clip, c_clip, out):
+    """SPEC §2 into ``out`` on the calling thread; arrays ``[segments, horizon]`` C-contiguous
+    float32, scalars float32."""
+    segments, horizon = values.shape
+    gl = gamma * gae_lambda
+    delta = np.empty((_ROWS_PER_BLOCK, horizon), np.float32)
+    coef = np.empty((_ROWS_PER_BLOCK, horizon), np.float32)
+    for s0 in range(0, segments, _ROWS_PER_BLOCK):
+        n_rows = min(_ROWS_PER_BLOCK, segments - s0)
+        _block(values, rewards, dones, ratio, s0, n_rows, gamma, gl, rho_clip, c_clip, delta, coef, out)
+
+
 @numba.njit(cache=True, parallel=True, boundscheck=False)
-def advantage_cpu(values, rewards, dones, ratio, gamma, gae_lambda, rho_clip, c_clip, out, n_threads):
-    """SPEC §2 into ``out``; all arrays ``[segments, horizon]`` C-contiguous float32, scalars float32;
-    ``n_threads`` is ``numba.get_num_threads()`` (passed in so the compiled code can be cached)."""
+def advantage_parallel(values, rewards, dones, ratio, gamma, gae_lambda, rho_clip, c_clip, out, n_threads):
+    """``advantage_serial`` with the row blocks split into ``n_threads`` chunks run by numba's
+    threads; call it with ``numba.set_num_threads(n_threads)`` in effect (``n_threads`` is passed
+    in so the compiled code can be cached)."""
     segments, horizon = values.shape
     gl = gamma * gae_lambda
     n_blocks = (segments + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK

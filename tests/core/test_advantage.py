@@ -245,3 +245,103 @@ def test_bad_input_names_the_argument(change, match):
     kwargs.update(change(v))
     with pytest.raises(MettaError, match=match):
         compute_advantage(**kwargs, gamma=0.9, gae_lambda=0.9)
+
+
+# --- thread policy of the compiled kernel (metta_core.kernels.cpu.kernel_threads) ---
+
+from metta_core.kernels import cpu as cpu_kernel  # noqa: E402
+
+BIG = (1031, 67)  # above PARALLEL_MIN_ELEMENTS and not a multiple of the 4-row blocks
+
+
+def _big_case(seed=6):
+    g = torch.Generator().manual_seed(seed)
+    values, rewards = torch.randn(BIG, generator=g), torch.randn(BIG, generator=g)
+    dones = (torch.rand(BIG, generator=g) < 0.05).float()
+    ratio = torch.exp(torch.randn(BIG, generator=g))
+    return values, rewards, dones, ratio
+
+
+@pytest.mark.parametrize(
+    "segments, horizon, budget, pool, expected",
+    [
+        (64, 32, 8, 8, 1),  # small: one thread whatever the budget
+        (1024, 63, 8, 8, 1),  # one element short of the crossover
+        (1024, 64, 8, 8, 8),
+        (1024, 64, 1, 8, 1),  # never more than the caller's budget
+        (1024, 64, 2, 8, 2),
+        (1024, 64, 8, 3, 3),  # nor than numba's pool
+        (8, 16384, 8, 8, 2),  # nor than 4-row blocks
+    ],
+)
+def test_kernel_threads_policy(segments, horizon, budget, pool, expected):
+    assert segments * horizon >= cpu_kernel.PARALLEL_MIN_ELEMENTS or expected == 1
+    assert cpu_kernel.kernel_threads(segments, horizon, budget, pool) == expected
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 7])
+def test_serial_and_parallel_entry_points_are_bit_identical_to_the_loop(n_threads):
+    import numba
+
+    values, rewards, dones, ratio = _big_case()
+    kw = dict(gamma=0.977, gae_lambda=0.891477, rho_clip=0.9, c_clip=1.2)
+    expected = advantage_loop(values, rewards, dones, ratio, **kw)
+    arrays = [x.numpy() for x in (values, rewards, dones, ratio)]
+    scalars = [np.float32(x) for x in kw.values()]
+    serial = np.empty_like(arrays[0])
+    cpu_kernel.advantage_serial(*arrays, *scalars, serial)
+    np.testing.assert_array_equal(serial, expected)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
+    try:  # n_threads is the number of chunks; more chunks than threads must not change a bit
+        parallel = np.empty_like(arrays[0])
+        cpu_kernel.advantage_parallel(*arrays, *scalars, parallel, n_threads)
+    finally:
+        numba.set_num_threads(previous)
+    np.testing.assert_array_equal(parallel, expected)
+
+
+@pytest.mark.parametrize("budget, shape", [(1, BIG), (2, BIG), (2, (64, 32))])
+def test_dispatch_follows_the_torch_budget_and_restores_settings(monkeypatch, budget, shape):
+    import numba
+
+    calls = []
+    serial, parallel = cpu_kernel.advantage_serial, cpu_kernel.advantage_parallel
+    monkeypatch.setattr(cpu_kernel, "advantage_serial", lambda *a: (calls.append(1), serial(*a)))
+    monkeypatch.setattr(
+        cpu_kernel, "advantage_parallel",
+        lambda *a: (calls.append((a[-1], numba.get_num_threads())), parallel(*a)),
+    )
+    torch_threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(budget)
+    try:
+        g = torch.Generator().manual_seed(7)
+        values = torch.randn(shape, generator=g)
+        dones, ratio = torch.zeros(shape), torch.ones(shape)
+        got = compute_advantage(values, values, dones, ratio, gamma=0.9, gae_lambda=0.8)
+        assert torch.get_num_threads() == budget  # torch's setting is never changed
+    finally:
+        torch.set_num_threads(torch_threads)
+    np.testing.assert_array_equal(got.numpy(), advantage_loop(values, values, dones, ratio, 0.9, 0.8))
+    expected = cpu_kernel.kernel_threads(*shape, budget, numba.config.NUMBA_NUM_THREADS)
+    assert calls == ([1] if expected == 1 else [(expected, expected)])
+    assert numba.get_num_threads() == numba_threads  # numba's mask is restored
+
+
+def test_starting_numba_threads_keeps_the_callers_torch_budget():
+    """numba's OpenMP layer sets OpenMP's thread count to its pool size when it starts; run in a
+    fresh process where the pool (3) is larger than the budget (2) so the reset would show."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from metta_core.advantage import compute_advantage\n"
+        "x = torch.randn(2048, 64)\n"
+        "compute_advantage(x, x, torch.zeros_like(x), torch.ones_like(x), gamma=0.9, gae_lambda=0.9)\n"
+        "import numba\n"
+        "print(torch.get_num_threads(), numba.get_num_threads())\n"
+    )
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "3"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2", "3"]

@@ -54,6 +54,21 @@ def test_store_fills_rows_agent_by_agent():
     assert not exp.ready_for_training and exp.ep_lengths.tolist() == [0, 0] and exp.ep_indices.tolist() == [0, 1]
 
 
+def test_store_when_rows_wrap_around_the_buffer():
+    """3 agents, 4 rows of 2 steps: the agents' rows go [0, 1, 2] -> [3, 0, 1] -> [2, 3, 0] (the
+    last two are not a consecutive range: the indexed-write path) -> [1, 2, 3]."""
+    exp = make(total_agents=3, batch_size=8, horizon=2, minibatch=4, max_minibatch=4)
+    seen = []
+    for step in range(6):
+        if step % 2 == 0:
+            seen.append(exp.ep_indices.tolist())
+        td = TensorDict({"x": torch.tensor([10.0, 20.0, 30.0]) + step, "obs": torch.zeros(3, 2)}, batch_size=[3])
+        exp.store(td, slice(0, 3))
+    assert seen == [[0, 1, 2], [3, 0, 1], [2, 3, 0]] and exp.ep_indices.tolist() == [1, 2, 3]
+    # agent a writes 10*(a+1) + step; each row holds the last agent that filled it
+    assert exp.buffer["x"].tolist() == [[34, 35], [32, 33], [14, 15], [24, 25]]
+
+
 def test_store_rejects_missing_fields_and_non_slices():
     exp = make()
     with pytest.raises(MettaError, match=r"missing buffer fields \['obs'\]"):
