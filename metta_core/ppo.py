@@ -126,9 +126,9 @@ class PPO(Loss):
         shared_loss_data["sampled_mb"] = minibatch
         shared_loss_data["indices"] = idx
 
-        flat = minibatch.reshape(-1)
-        policy_td = flat.select(*self.policy.get_agent_experience_spec().fields).clone()
-        policy_td = self.policy.forward(policy_td, action=flat["actions"])
+        # whole [mb, horizon] rows: a recurrent policy unrolls them (SPEC §6), others flatten
+        policy_td = minibatch.select(*self.policy.get_agent_experience_spec().fields).clone()
+        policy_td = self.policy.forward(policy_td, action=minibatch["actions"])
         shape = minibatch.batch_size
         terms = ppo_minibatch_loss(
             cfg,
