@@ -98,3 +98,20 @@ def test_gru_policy_from_the_cli(tmp_path, capsys):
                  "--batch-size", "256", "--bptt-horizon", "16", "--minibatch-size", "64", "--hidden-size", "8",
                  "--no-progress", "--out-dir", str(tmp_path)])
     assert code == 0 and '"env_steps": 256' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("action_space", [gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,))])
+def test_actor_critic_on_rows_gives_the_flat_numbers_bit_for_bit(action_space):
+    from tensordict import TensorDict
+
+    from metta_core.policy import ActorCritic
+
+    torch.manual_seed(0)
+    policy = ActorCritic(gym.spaces.Box(-1, 1, (4,)), action_space, (8,))
+    rows = TensorDict({"env_obs": torch.randn(3, 5, 4)}, batch_size=[3, 5])
+    with torch.no_grad():
+        actions = policy(rows.clone())["actions"]
+        on_rows = policy(rows.clone(), action=actions)
+        flat = policy(rows.reshape(-1).clone(), action=actions.reshape(-1, *actions.shape[2:]))
+    for key in ("act_log_prob", "entropy", "values"):
+        assert torch.equal(on_rows[key].reshape(-1), flat[key])
