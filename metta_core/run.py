@@ -527,7 +527,7 @@ class CoreRun:
             self.env.load_state_dict(env_state)
         self.experience.load_state_dict(state["experience"])
         self.returns.load_state_dict(state["returns"])
-        self.loop.last_action = state["last_action"]
+        self.loop.last_action = state.get("last_action")  # absent in checkpoints from before last_actions
 
     @property
     def env_steps(self) -> int:
