@@ -7,6 +7,7 @@ trainer            the core trainer vs a plain CleanRL-style PyTorch loop (rollo
 overhead           bridge loss/update cost vs the core and vs the native PPO losses
 throughput         end-to-end env steps/s, Metta vs native, in TorchRL and RLlib
 memory             peak RSS of a training phase and RSS growth over 50 phases
+recurrent          the SPEC §6 unroll vs nn.LSTM stepped per column in plain PyTorch
 sample_efficiency  env steps to return 475 on CartPole-v1, 3 seeds x 5 learners (about 20 minutes
                    on 2 cores, 11 with ``python -m benchmarks.sample_efficiency --jobs 2``, so only
                    with --sample-efficiency or --only sample_efficiency)
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from benchmarks.busy import busy_machine, load_label
 
-QUICK = ["advantage", "trainer", "overhead", "throughput", "memory"]
+QUICK = ["advantage", "trainer", "overhead", "throughput", "memory", "recurrent"]
 ALL = [*QUICK, "sample_efficiency"]
 
 

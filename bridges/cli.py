@@ -23,7 +23,7 @@ from typing import Any, Sequence, get_type_hints
 import gymnasium as gym
 
 from metta_core.errors import MettaError
-from metta_core.run import TrainArgs
+from metta_core.run import POLICIES, TrainArgs
 
 FRAMEWORK_TRAINERS = {
     "core": "metta_core.run",
@@ -85,6 +85,8 @@ def _add_fields(group, cls, *, dest_prefix: str = "", skip: tuple[str, ...] = ()
             kwargs["choices"] = sorted(FRAMEWORK_TRAINERS)
         if f.name == "metrics_format":
             kwargs["choices"] = ["jsonl", "csv"]
+        if f.name == "policy":
+            kwargs["choices"] = list(POLICIES)
         group.add_argument(flag, **kwargs)
 
 

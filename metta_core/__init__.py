@@ -7,8 +7,10 @@
 - ``config``: ``PPOConfig``, ``VTraceConfig``, ``PrioritizedExperienceReplayConfig``, ``TrainerConfig``
 - ``loss``, ``ppo``, ``experience``, ``loop``: the ``Loss`` lifecycle, ``PPO``, ``Experience``,
   ``CoreTrainingLoop`` (§5)
-- ``policy``, ``gym_env``, ``run``, ``runlog``: the ``Policy`` contract, env adapter and the
-  training run behind ``metta-bridges train --framework core``
+- ``recurrent``, ``recurrent_policy``: the stored-state BPTT rule (``unroll``, §6) and
+  ``RecurrentActorCritic`` (LSTM/GRU)
+- ``policy``, ``gym_env``, ``cartpole_no_velocity``, ``run``, ``runlog``: the ``Policy`` contract,
+  env adapter, ``CartPoleNoVel-v1`` and the training run behind ``metta-bridges train --framework core``
 
 Nothing is imported here: ``import metta_core.advantage`` loads only what it needs.
 """

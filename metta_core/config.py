@@ -125,6 +125,12 @@ class PPOConfig(Config):
     )
     schedule: LossSchedule = Field(default_factory=LossSchedule, description="When this loss trains.")
 
+    def create(self, policy: Any, trainer_cfg: Any, env: Any, device: Any, instance_name: str, loss_config: Any = None) -> Any:
+        """Metta's ``PPOConfig.create``: the ``metta_core.ppo.PPO`` loss with ``loss_config`` (this config if None)."""
+        from metta_core.ppo import PPO  # ppo imports this module
+
+        return PPO(policy, trainer_cfg, env, device, instance_name, self if loss_config is None else loss_config)
+
 
 class TrainerConfig(Config):
     """Buffer and phase sizes (SPEC §4). Derived sizes are properties, checked at construction."""

@@ -37,7 +37,9 @@ class TrainingEnvironment(Protocol):
 
 def check_env_id(env_id: str, who: str = "env") -> None:
     """Raise ``MettaError`` unless ``env_id`` is a registered gymnasium env id (gymnasium's reason
-    included). As in ``gym.make``, ``"module:EnvName-v0"`` first imports ``module`` (which registers it)."""
+    included). As in ``gym.make``, ``"module:EnvName-v0"`` first imports ``module`` (which registers it);
+    this package's ``CartPoleNoVel-v1`` is registered here, before the check."""
+    importlib.import_module("metta_core.cartpole_no_velocity")  # registers CartPoleNoVel-v1
     module, _, name = env_id.rpartition(":")
     if module:
         try:

@@ -12,6 +12,7 @@ from metta_core.errors import MettaError
 from metta_core.experience import Experience
 from metta_core.loss import Loss
 from metta_core.phase import PhaseSizes, clip_and_step, run_phase
+from metta_core.ppo import action_field
 
 
 @dataclass
@@ -63,6 +64,8 @@ class CoreTrainingLoop:
         self.device = torch.device(device)
         self.context = context
         self.accumulate_minibatches = experience.accumulate_minibatches
+        self.last_action: torch.Tensor | None = None
+        self._env_id_range: torch.Tensor | None = None
         for loss in self.losses.values():
             loss.attach_context(context)
             loss.attach_replay_buffer(experience)
@@ -97,16 +100,39 @@ class CoreTrainingLoop:
                 device=self.device,
             )
             context.training_env_id = env_id
+            td["training_env_ids"] = self._env_ids(env)[env_id]
+            self.add_last_action_to_td(td, env)
             for loss in self.losses.values():
                 loss.rollout(td, context)
             if "actions" not in td.keys():
                 raise MettaError("no loss wrote 'actions' during rollout; the policy forward must set td['actions']")
+            self.last_action[td["training_env_ids"]] = td["actions"].detach().to(self.last_action.dtype)
             env.send_actions(td["actions"].cpu().numpy())
             steps += n
             finished = env.pop_finished_episodes()
             returns += finished[0]
             lengths += finished[1]
         return RolloutResult(steps, returns, lengths)
+
+    # -- per-agent previous action (Metta's ``last_actions``) ---------------------------------
+    def _env_ids(self, env: Any) -> torch.Tensor:
+        if self._env_id_range is None or len(self._env_id_range) != env.num_agents:
+            self._env_id_range = torch.arange(env.num_agents, device=self.device)
+        return self._env_id_range
+
+    def add_last_action_to_td(self, td: TensorDict, env: Any) -> None:
+        """Write ``td["last_actions"]``: each agent's previous action, indexed by ``td["training_env_ids"]``.
+
+        As in Metta's loop, the per-agent actions start at zero when the run starts (shape and dtype
+        of ``metta_core.ppo.action_field``), are overwritten with each step's actions after the
+        losses' rollout, and are *not* zeroed at episode boundaries or rollout starts: the first step
+        of an episode sees the action that ended the previous one (``dones``/``truncateds`` tell a
+        policy that wants otherwise). The buffer stores it when a spec declares ``last_actions``.
+        """
+        if self.last_action is None:
+            spec = action_field(env.single_action_space)
+            self.last_action = torch.zeros(env.num_agents, *spec.shape, dtype=spec.dtype, device=self.device)
+        td["last_actions"] = self.last_action[td["training_env_ids"]]
 
     def training_phase(
         self, context: ComponentContext, update_epochs: int, max_grad_norm: float = 0.5

@@ -21,18 +21,28 @@ OBS_KEY = "env_obs"
 class Policy(Protocol):
     """The policy contract of the core loop (Metta's ``metta.agent.policy.Policy``).
 
-    ``forward(td, action=None)`` reads ``td["env_obs"]`` (batch dims first) and writes, with the
-    same batch shape:
+    ``forward(td, action=None)`` reads ``td["env_obs"]`` and writes, with the same batch shape:
 
     - ``"actions"``: a sampled action (only when ``action`` is None, i.e. during rollout),
     - ``"act_log_prob"``: log-probability of ``action`` (or of the sampled one),
     - ``"entropy"``: entropy of the action distribution,
     - ``"values"``: the critic's value estimate (float32).
 
+    The batch shape says what ``td`` is. During rollout it is ``[agents]``: one env step, with
+    ``dones``/``truncateds`` (the flags that led into this observation), ``training_env_ids``
+    (which agents) and ``last_actions`` (each agent's previous action, from
+    ``CoreTrainingLoop.add_last_action_to_td``). During training it is ``[rows, horizon]``: whole
+    buffer rows holding the fields of ``get_agent_experience_spec``, with the stored ``actions``
+    passed as ``action``. A feed-forward policy flattens the batch dims itself (``ActorCritic``
+    does); a recurrent one keeps per-agent state in rollout (zeroed where ``dones or
+    truncateds``, its input state written into ``td`` for the buffer) and unrolls the rows from
+    the stored state (SPEC §6; ``metta_core.recurrent_policy.RecurrentActorCritic``).
+
     ``get_agent_experience_spec`` names the per-step inputs the policy needs stored in the
-    buffer (at least ``env_obs``); ``reset_memory`` clears recurrent state (a no-op for
-    feed-forward policies). An optional integer attribute ``burn_in_steps`` makes PPO skip
-    storing that many rollout steps.
+    buffer (at least ``env_obs``; a recurrent policy adds its state fields and the reset
+    flags); ``reset_memory`` forgets every agent's rollout state (a no-op for feed-forward
+    policies; the losses call it at each rollout start, as Metta's do). An optional integer
+    attribute ``burn_in_steps`` makes PPO skip storing that many rollout steps.
     """
 
     def forward(self, td: TensorDict, action: Tensor | None = None) -> TensorDict: ...
@@ -86,6 +96,14 @@ def categorical_terms(logits: Tensor, action: Tensor | None = None) -> tuple[Ten
     return action, log_prob, entropy
 
 
+def action_distribution(out: Tensor, log_std: Tensor | None, continuous: bool) -> Distribution:
+    """``Categorical(logits=out)``, or for ``Box`` actions a diagonal ``Normal(out, exp(log_std))``
+    whose log-prob and entropy sum over action dims."""
+    if not continuous:
+        return Categorical(logits=out)
+    return Independent(Normal(out, log_std.exp().expand_as(out)), 1)
+
+
 class ActorCritic(nn.Module):
     """Separate actor and critic MLPs over a flat observation.
 
@@ -113,10 +131,7 @@ class ActorCritic(nn.Module):
         self.critic = mlp(obs_dim, hidden, 1, 1.0)
 
     def distribution(self, obs: Tensor) -> Distribution:
-        out = self.actor(obs)
-        if not self.continuous:
-            return Categorical(logits=out)
-        return Independent(Normal(out, self.log_std.exp().expand_as(out)), 1)
+        return action_distribution(self.actor(obs), getattr(self, "log_std", None), self.continuous)
 
     def forward(self, td: TensorDict, action: Tensor | None = None) -> TensorDict:
         obs = td[OBS_KEY]

@@ -20,7 +20,14 @@ from metta_core.experience import Experience, ExperienceSpec, FieldSpec
 from metta_core.loss import Loss
 from metta_core.phase import MinibatchSchedule
 from metta_core.policy import Policy
-from metta_core.ppo_math import ppo_minibatch_loss
+from metta_core.ppo_math import (
+    approx_kl,
+    clip_fraction,
+    clipped_surrogate_pg_loss,
+    clipped_value_loss,
+    entropy_loss,
+    ppo_minibatch_loss,
+)
 
 __all__ = ["PPO", "action_field"]
 
@@ -126,9 +133,9 @@ class PPO(Loss):
         shared_loss_data["sampled_mb"] = minibatch
         shared_loss_data["indices"] = idx
 
-        flat = minibatch.reshape(-1)
-        policy_td = flat.select(*self.policy.get_agent_experience_spec().fields).clone()
-        policy_td = self.policy.forward(policy_td, action=flat["actions"])
+        # whole [mb, horizon] rows: a recurrent policy unrolls them (SPEC §6), others flatten
+        policy_td = minibatch.select(*self.policy.get_agent_experience_spec().fields).clone()
+        policy_td = self.policy.forward(policy_td, action=minibatch["actions"])
         shape = minibatch.batch_size
         terms = ppo_minibatch_loss(
             cfg,
@@ -150,3 +157,36 @@ class PPO(Loss):
         """Track ``explained_variance = 1 - var(A0) / var(A0 + values)`` over the whole buffer."""
         if self.advantages is not None and self.replay is not None:
             self.phase_stats.record_explained_variance(self.advantages, self.replay.buffer["values"])
+
+    # -- Metta's seed entry point (a thin layer over metta_core.ppo_math) -------------------
+    def compute_ppo_losses(
+        self,
+        minibatch: TensorDict,
+        new_logprob: torch.Tensor,
+        entropy: torch.Tensor,
+        newvalue: torch.Tensor,
+        importance_sampling_ratio: torch.Tensor,
+        adv: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Metta's ``PPO.compute_ppo_losses``: ``(pg_loss, v_loss, entropy_loss, approx_kl, clipfrac)``.
+
+        ``adv`` is the final advantage (V-trace recomputed, normalized, priority-weighted),
+        ``minibatch`` holds ``act_log_prob``, ``values`` and ``returns`` (``A0 + values``) of the
+        rows; the terms are the SPEC §4.6 means (``ppo_minibatch_loss`` computes the same ones).
+        """
+        cfg: PPOConfig = self.loss_cfg
+        missing = [k for k in ("act_log_prob", "values", "returns") if k not in minibatch.keys()]
+        if missing:
+            raise MettaError(
+                f"compute_ppo_losses: minibatch has no {missing}; it needs act_log_prob and values (stored at "
+                f"rollout) and returns = first-pass advantages + values of the sampled rows"
+            )
+        ratio = importance_sampling_ratio
+        returns = minibatch["returns"]
+        pg_loss = clipped_surrogate_pg_loss(ratio, adv, clip_coef=cfg.clip_coef)
+        v_loss = clipped_value_loss(newvalue.view(returns.shape), minibatch["values"], returns,
+                                    vf_clip_coef=cfg.vf_clip_coef, clip_vloss=cfg.clip_vloss)
+        mean_entropy = -entropy_loss(entropy)
+        kl = approx_kl(new_logprob.view(ratio.shape), minibatch["act_log_prob"], ratio)
+        clipfrac = clip_fraction(ratio, clip_coef=cfg.clip_coef)
+        return pg_loss, v_loss, mean_entropy, kl, clipfrac

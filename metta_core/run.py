@@ -32,6 +32,7 @@ from metta_core.errors import MettaError
 from metta_core.experience import Experience
 from metta_core.gym_env import GymVectorEnvironment, check_env_id
 from metta_core.policy import ActorCritic
+from metta_core.recurrent_policy import RecurrentActorCritic
 from metta_core.ppo import PPO
 from metta_core.runlog import RunLogger
 from metta_core.loop import ComponentContext, CoreTrainingLoop
@@ -69,7 +70,8 @@ class TrainArgs:
     update_epochs: int = setting(4, 'Passes over the buffer per training phase.')
     learning_rate: float = setting(1e-3, 'Adam learning rate.')
     anneal_lr: bool = setting(False, "Decay the learning rate linearly to 0 over total_timesteps (as CleanRL does).")
-    hidden_size: int = setting(64, 'Width of the two hidden layers of actor and critic.')
+    hidden_size: int = setting(64, 'Width of the two hidden layers of actor and critic (mlp), or of the encoder and recurrent state (lstm, gru).')
+    policy: str = setting("mlp", 'mlp (ActorCritic), lstm or gru (RecurrentActorCritic, SPEC §6; core only for now).')
     target_return: float | None = setting(475.0, 'Mean episodic return (over the last 100 episodes) that counts as solved.')
     stop_at_target: bool = setting(True, 'End the run as soon as ``target_return`` is reached.')
     progress: bool = setting(True, 'Show a progress bar.')
@@ -123,6 +125,13 @@ class TrainArgs:
         if self.compare_native and self.framework == "core":
             raise MettaError("--compare-native compares with TorchRL's or RLlib's own PPO: use it with --framework "
                              "torchrl or rllib")
+        if self.policy not in POLICIES:
+            raise MettaError(f"--policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
+        if self.policy != "mlp" and self.framework != "core":
+            raise MettaError(
+                f"--policy {self.policy} is not supported by the {self.framework} bridge yet (recurrent policies "
+                f"train in the core only, issue 12); use --framework core, or --policy mlp"
+            )
         check_env_id(self.env, "--env")
         self._validate_sizes()
         self._validate_device()
@@ -246,6 +255,19 @@ def require_writable_dir(path: Path, flag_name: str, *, what: str | None = None)
             pass
     except OSError as exc:
         raise MettaError(f"{flag_name}: cannot write to {what} ({exc.strerror or exc}); choose a writable path") from None
+
+
+POLICIES = ("mlp", "lstm", "gru")
+"""Values of ``TrainArgs.policy``."""
+
+
+def build_policy(name: str, observation_space: Any, action_space: Any, hidden_size: int) -> torch.nn.Module:
+    """The ``--policy`` network: ``ActorCritic`` with two hidden layers, or ``RecurrentActorCritic``."""
+    if name == "mlp":
+        return ActorCritic(observation_space, action_space, (hidden_size,) * 2)
+    if name in ("lstm", "gru"):
+        return RecurrentActorCritic(observation_space, action_space, hidden_size, cell=name)
+    raise MettaError(f"policy must be one of {list(POLICIES)}, got {name!r}; set --policy")
 
 
 class ReturnTracker:
@@ -422,8 +444,8 @@ class CoreRun:
         torch.manual_seed(args.seed)
         self.device = torch.device(args.device)
         self.env = GymVectorEnvironment(args.env, args.num_envs, args.seed)
-        self.policy = ActorCritic(
-            self.env.single_observation_space, self.env.single_action_space, (args.hidden_size,) * 2
+        self.policy = build_policy(
+            args.policy, self.env.single_observation_space, self.env.single_action_space, args.hidden_size
         ).to(self.device)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=args.learning_rate, eps=ADAM_EPS)
         self.generator = torch.Generator().manual_seed(args.seed)
@@ -479,6 +501,7 @@ class CoreRun:
             "generator": self.generator.get_state(),
             "experience": self.experience.state_dict(),
             "returns": self.returns.state_dict(),
+            "last_action": self.loop.last_action,
         }
 
     def env_state(self) -> dict:
@@ -504,6 +527,7 @@ class CoreRun:
             self.env.load_state_dict(env_state)
         self.experience.load_state_dict(state["experience"])
         self.returns.load_state_dict(state["returns"])
+        self.loop.last_action = state.get("last_action")  # absent in checkpoints from before last_actions
 
     @property
     def env_steps(self) -> int:
