@@ -307,7 +307,7 @@ CHECKPOINT_FORMAT = "metta-bridges-checkpoint"
 CHECKPOINT_VERSION = 1
 """Written into every checkpoint; ``read_checkpoint`` refuses other formats and versions."""
 
-INCOMPATIBLE_SETTINGS = ("framework", "env", "num_envs", "batch_size", "bptt_horizon", "hidden_size", "ppo")
+INCOMPATIBLE_SETTINGS = ("framework", "env", "num_envs", "batch_size", "bptt_horizon", "hidden_size", "policy", "ppo")
 """Settings a resume must keep: they fix the networks' and buffers' shapes, the env, or (``ppo``) the
 loss config a checkpoint restores. Others (budget, output paths, minibatch size, learning rate, ...)
 may change: a resumed run uses the new values."""
@@ -349,9 +349,10 @@ def verify_header(header: Any, path: str | Path, args: TrainArgs, framework: str
         raise MettaError(f"--resume {path}: the checkpoint was made by --framework {header.get('framework')}, this "
                          f"run is --framework {framework}; resume it with --framework {header.get('framework')}")
     saved, current = header.get("settings") or {}, args.settings()
-    changed = [name for name in INCOMPATIBLE_SETTINGS if saved.get(name) != current.get(name)]
+    recorded = {"policy": "mlp", **saved}  # checkpoints from before --policy existed hold an MLP
+    changed = [name for name in INCOMPATIBLE_SETTINGS if recorded.get(name) != current.get(name)]
     if changed:
-        diff = ", ".join(f"{flag(n)} {saved.get(n)!r} (this run: {current.get(n)!r})" for n in changed)
+        diff = ", ".join(f"{flag(n)} {recorded.get(n)!r} (this run: {current.get(n)!r})" for n in changed)
         raise MettaError(f"--resume {path}: the checkpoint was made with {diff}; resume with the checkpoint's "
                          f"settings, or start a new run without --resume")
 

@@ -89,7 +89,7 @@ def test_the_resumed_run_uses_its_own_learning_rate(saved, tmp_path):
 
 @pytest.mark.parametrize("change, flag", [({"env": "Acrobot-v1"}, "--env"), ({"hidden_size": 16}, "--hidden-size"),
                                           ({"num_envs": 4, "batch_size": 128}, "--num-envs"),
-                                          ({"ppo": {"gamma": 0.9}}, "--ppo")])
+                                          ({"ppo": {"gamma": 0.9}}, "--ppo"), ({"policy": "lstm"}, "--policy")])
 def test_a_resume_that_changes_an_incompatible_setting_is_refused(saved, change, flag):
     _, path = saved
     args = TrainArgs(**{**SMALL, **change})
