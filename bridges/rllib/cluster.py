@@ -40,13 +40,21 @@ def init_private_ray(**kwargs) -> None:
     On Linux Ray registers even a private local node under the machine's interface address and
     listens there. A private Ray has no other node to reach, so it is kept on 127.0.0.1: Ray's own
     switch for single-machine platforms, set for this process (Ray read it when it was imported)
-    and for the processes Ray starts (they inherit the environment).
+    and, during ``ray.init``, in the environment the processes Ray starts inherit (then restored, so
+    that later subprocesses, e.g. a ``ray start`` of a real cluster, do not inherit it).
     """
     from ray._private import ray_constants
 
+    previous = os.environ.get(LOOPBACK_ENV)
     os.environ[LOOPBACK_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address="local", **{"num_cpus": os.cpu_count(), "include_dashboard": False, **kwargs})
+    try:
+        ray.init(address="local", **{"num_cpus": os.cpu_count(), "include_dashboard": False, **kwargs})
+    finally:
+        if previous is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = previous
 
 
 def use_token_if_available() -> bool:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from bridges.rllib.cluster import LOOPBACK_ENV
+
 RAY = str(Path(sys.executable).with_name("ray"))
 IN_NETNS = "METTA_TEST_IN_PRIVATE_NETNS"
 """Set in the copy of pytest that runs inside the private network namespace."""
@@ -63,7 +65,7 @@ def free_port() -> int:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment without any Ray address or auth setting of the caller's, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", LOOPBACK_ENV))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return {**env, **extra}
 
@@ -174,5 +176,7 @@ def test_without_address_a_private_local_ray_starts_whatever_cluster_is_named(mo
     try:
         assert ray.cluster_resources()["CPU"] == 1
         assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]  # loopback only
+        assert ray.get(ray.remote(ray.util.get_node_ip_address).remote()) == "127.0.0.1"  # in the workers too
+        assert LOOPBACK_ENV not in os.environ  # not inherited by later subprocesses (a real `ray start`)
     finally:
         ray.shutdown()
