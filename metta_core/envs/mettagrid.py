@@ -150,6 +150,7 @@ class MettaGridEnvironment:
                 f"shrink game.obs.height/width or use obs='tokens'"
             )
         self._simulation_cls = Simulation
+        self._action_names = list(interface.action_names)
         self.obs_mode = obs
         self.num_envs = num_envs
         self.agents_per_env = config.game.num_agents
@@ -207,8 +208,7 @@ class MettaGridEnvironment:
         config.game.map_builder.seed = episode_seed  # without it the map is drawn unseeded
         sim = self._simulation_cls(config, seed=episode_seed, buffers=self._buffers[e])
         if self._action_ids is None:
-            names = [a.name for a in config.game.actions.actions() if not a.name.startswith("change_vibe")]
-            self._action_ids = np.array([sim.action_ids[name] for name in names], np.int32)
+            self._action_ids = np.array([sim.action_ids[name] for name in self._action_names], np.int32)
         self._sims[e] = sim
 
     def _observe(self) -> np.ndarray:
