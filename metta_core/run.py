@@ -63,7 +63,7 @@ class TrainArgs:
     framework: str = setting("core", "core, torchrl or rllib.")
     env: str = setting("CartPole-v1", 'A gymnasium env id with a Box observation space, or mettagrid:arena-8 / mettagrid:arena-24.')
     seed: int = setting(0, 'Seeds the env, the policy init and every sampler.')
-    total_timesteps: int = setting(500_000, 'Env-step budget of the run.')
+    total_timesteps: int = setting(500_000, 'Env-step budget of the run (agent-steps for MettaGrid).')
     out_dir: Path = setting(Path("runs/train"), 'Where metrics, the learning curve and checkpoints go.')
     metrics_format: str = setting("jsonl", 'jsonl or csv.')
     save_checkpoint: Path | None = setting(None, 'Write a checkpoint here at the end (and every ``checkpoint_every`` iterations).')
