@@ -11,6 +11,8 @@
   ``RecurrentActorCritic`` (LSTM/GRU)
 - ``policy``, ``gym_env``, ``cartpole_no_velocity``, ``run``, ``runlog``: the ``Policy`` contract,
   env adapter, ``CartPoleNoVel-v1`` and the training run behind ``metta-bridges train --framework core``
+- ``envs``, ``cnn_policy``: training environments by name (gymnasium ids, ``mettagrid:<preset>``
+  arenas with agents as rows, ``envs.mettagrid``) and ``GridCNN`` for their grid observations
 
 Nothing is imported here: ``import metta_core.advantage`` loads only what it needs.
 """

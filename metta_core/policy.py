@@ -54,7 +54,8 @@ class Policy(Protocol):
     def parameters(self): ...
 
 
-def _layer(n_in: int, n_out: int, std: float) -> nn.Linear:
+def orthogonal_linear(n_in: int, n_out: int, std: float) -> nn.Linear:
+    """``nn.Linear`` with orthogonal weights of gain ``std`` and zero bias (CleanRL's init)."""
     layer = nn.Linear(n_in, n_out)
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, 0.0)
@@ -65,9 +66,9 @@ def mlp(n_in: int, hidden: Sequence[int], n_out: int, out_std: float) -> nn.Sequ
     """Tanh MLP with orthogonal init (CleanRL's); ``hidden=()`` gives a linear map."""
     layers: list[nn.Module] = []
     for width in hidden:
-        layers += [_layer(n_in, width, float(np.sqrt(2))), nn.Tanh()]
+        layers += [orthogonal_linear(n_in, width, float(np.sqrt(2))), nn.Tanh()]
         n_in = width
-    layers.append(_layer(n_in, n_out, out_std))
+    layers.append(orthogonal_linear(n_in, n_out, out_std))
     return nn.Sequential(*layers)
 
 

@@ -13,6 +13,7 @@ atomically, loadable with ``torch.load(weights_only=True)``, the pickled env sta
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import pickle
@@ -30,15 +31,21 @@ from pydantic import ValidationError
 from metta_core.config import ADAM_EPS, PPOConfig, TrainerConfig
 from metta_core.errors import MettaError
 from metta_core.experience import Experience
-from metta_core.gym_env import GymVectorEnvironment, check_env_id
+from metta_core.cnn_policy import GridCNN
+from metta_core.envs import check_mettagrid_id, is_mettagrid, make_training_env
+from metta_core.gym_env import TrainingEnvironment, check_env_id
 from metta_core.policy import ActorCritic
 from metta_core.recurrent_policy import RecurrentActorCritic
 from metta_core.ppo import PPO
-from metta_core.runlog import RunLogger
+from metta_core.runlog import REWARD_RATE_KEY, RETURN_KEY, RunLogger
 from metta_core.loop import ComponentContext, CoreTrainingLoop
+
+log = logging.getLogger(__name__)
 
 RETURN_WINDOW = 100
 """Episodes in the moving window behind ``episode_return_mean`` (as in CleanRL and RLlib)."""
+CARTPOLE_TARGET = 475.0
+"""The default ``target_return``: CartPole-v1's solved level (ignored for MettaGrid unless changed)."""
 
 
 def setting(default: Any, help: str) -> Any:
@@ -54,9 +61,9 @@ class TrainArgs:
     ``compare_native`` stays here because TorchRL and RLlib both read it."""
 
     framework: str = setting("core", "core, torchrl or rllib.")
-    env: str = setting("CartPole-v1", 'A gymnasium env id with a Box observation space.')
+    env: str = setting("CartPole-v1", 'A gymnasium env id with a Box observation space, or mettagrid:arena-8 / mettagrid:arena-24.')
     seed: int = setting(0, 'Seeds the env, the policy init and every sampler.')
-    total_timesteps: int = setting(500_000, 'Env-step budget of the run.')
+    total_timesteps: int = setting(500_000, 'Env-step budget of the run (agent-steps for MettaGrid).')
     out_dir: Path = setting(Path("runs/train"), 'Where metrics, the learning curve and checkpoints go.')
     metrics_format: str = setting("jsonl", 'jsonl or csv.')
     save_checkpoint: Path | None = setting(None, 'Write a checkpoint here at the end (and every ``checkpoint_every`` iterations).')
@@ -72,7 +79,7 @@ class TrainArgs:
     anneal_lr: bool = setting(False, "Decay the learning rate linearly to 0 over total_timesteps (as CleanRL does).")
     hidden_size: int = setting(64, 'Width of the two hidden layers of actor and critic (mlp), or of the encoder and recurrent state (lstm, gru).')
     policy: str = setting("mlp", 'mlp (ActorCritic), lstm or gru (RecurrentActorCritic, SPEC §6; core only for now).')
-    target_return: float | None = setting(475.0, 'Mean episodic return (over the last 100 episodes) that counts as solved.')
+    target_return: float | None = setting(CARTPOLE_TARGET, 'Mean episodic return (over the last 100 episodes) that counts as solved; MettaGrid: per-agent episode return, no target unless set.')
     stop_at_target: bool = setting(True, 'End the run as soon as ``target_return`` is reached.')
     progress: bool = setting(True, 'Show a progress bar.')
     device: str = setting("cpu", 'Torch device of the learner.')
@@ -132,7 +139,10 @@ class TrainArgs:
                 f"--policy {self.policy} is not supported by the {self.framework} bridge yet (recurrent policies "
                 f"train in the core only, issue 12); use --framework core, or --policy mlp"
             )
-        check_env_id(self.env, "--env")
+        if is_mettagrid(self.env):
+            check_mettagrid_id(self.env, "--env")
+        else:
+            check_env_id(self.env, "--env")
         self._validate_sizes()
         self._validate_device()
         self.ppo_config()
@@ -225,8 +235,13 @@ def preflight(args: TrainArgs) -> None:
 
 def _check_env_spaces(args: TrainArgs) -> None:
     """The networks of every framework read a flat Box observation; core and rllib act in Discrete or
-    Box spaces, the torchrl run in Discrete ones."""
+    Box spaces, the torchrl run in Discrete ones. MettaGrid presets are checked when built (core only)."""
     import gymnasium as gym
+
+    if is_mettagrid(args.env):
+        if args.framework != "core":
+            raise MettaError(f"--env {args.env} trains with --framework core only for now (issue 13); use --framework core")
+        return
 
     try:
         env = gym.make(args.env)
@@ -261,8 +276,13 @@ POLICIES = ("mlp", "lstm", "gru")
 """Values of ``TrainArgs.policy``."""
 
 
-def build_policy(name: str, observation_space: Any, action_space: Any, hidden_size: int) -> torch.nn.Module:
-    """The ``--policy`` network: ``ActorCritic`` with two hidden layers, or ``RecurrentActorCritic``."""
+def build_policy(
+    name: str, observation_space: Any, action_space: Any, hidden_size: int, feature_scale: Any = None
+) -> torch.nn.Module:
+    """The ``--policy`` network: ``ActorCritic`` with two hidden layers (``GridCNN`` for a
+    ``(features, height, width)`` grid such as MettaGrid's), or ``RecurrentActorCritic``."""
+    if name == "mlp" and len(getattr(observation_space, "shape", ()) or ()) == 3:
+        return GridCNN(observation_space, action_space, feature_scale)
     if name == "mlp":
         return ActorCritic(observation_space, action_space, (hidden_size,) * 2)
     if name in ("lstm", "gru"):
@@ -434,19 +454,34 @@ def announce_untrusted_resume(path: str | Path, args: TrainArgs) -> None:
               f"--trust-checkpoint for an exact continuation, only for checkpoints you trust)", file=sys.stderr)
 
 
-class CoreRun:
-    """Everything a core training run holds, built from ``TrainArgs``."""
+def target_return(args: TrainArgs) -> float | None:
+    """``args.target_return``, except that CartPole's default means no target for MettaGrid."""
+    if is_mettagrid(args.env) and args.target_return == CARTPOLE_TARGET:
+        log.info("MettaGrid: no target return (the default %s is CartPole's); the run uses its whole budget", CARTPOLE_TARGET)
+        return None
+    return args.target_return
 
-    def __init__(self, args: TrainArgs) -> None:
+
+class CoreRun:
+    """Everything a core training run holds, built from ``TrainArgs``.
+
+    ``env`` (any ``TrainingEnvironment``) replaces the one ``args.env`` names; its ``num_agents``
+    rows fill the buffer. An env with ``pop_reward_rate`` (MettaGrid) adds the mean reward per
+    agent-step of each rollout to the logged row, and the learning curve plots it.
+    """
+
+    def __init__(self, args: TrainArgs, env: TrainingEnvironment | None = None) -> None:
         args.validate()
         self.args = args
         self.trainer_cfg = args.trainer_config()
         self.ppo_cfg = args.ppo_config()
         torch.manual_seed(args.seed)
         self.device = torch.device(args.device)
-        self.env = GymVectorEnvironment(args.env, args.num_envs, args.seed)
+        self.env = env if env is not None else make_training_env(args.env, args.num_envs, args.seed)
+        self.curve_key = REWARD_RATE_KEY if hasattr(self.env, "pop_reward_rate") else RETURN_KEY
         self.policy = build_policy(
-            args.policy, self.env.single_observation_space, self.env.single_action_space, args.hidden_size
+            args.policy, self.env.single_observation_space, self.env.single_action_space, args.hidden_size,
+            getattr(self.env, "feature_scale", None),
         ).to(self.device)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=args.learning_rate, eps=ADAM_EPS)
         self.generator = torch.Generator().manual_seed(args.seed)
@@ -463,7 +498,7 @@ class CoreRun:
         self.loop = CoreTrainingLoop(
             self.policy, self.experience, {"ppo": self.ppo}, self.optimizer, self.device, self.context
         )
-        self.returns = ReturnTracker(args.target_return)
+        self.returns = ReturnTracker(target_return(args))
         self.ppo.on_new_training_run(self.context)
 
     def iteration(self) -> dict[str, float]:
@@ -478,12 +513,14 @@ class CoreRun:
             remaining = max(0.0, 1.0 - (ctx.agent_step - rollout.agent_steps) / self.args.total_timesteps)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.args.learning_rate * remaining
+        reward_rate = {REWARD_RATE_KEY: self.env.pop_reward_rate()} if self.curve_key == REWARD_RATE_KEY else {}
         stats, epochs = self.loop.training_phase(ctx, self.trainer_cfg.update_epochs, self.ppo_cfg.max_grad_norm)
         ctx.epoch += 1
         return {
             "env_steps": ctx.agent_step,
             "epoch": ctx.epoch,
             "episode_return_mean": self.returns.mean,
+            **reward_rate,
             "episodes": self.returns.episodes,
             "update_epochs_trained": epochs,
             "steps_per_second": rollout.agent_steps / (time.perf_counter() - started),
@@ -576,6 +613,7 @@ def drive(
     logger = RunLogger(
         out_dir or args.out_dir, args.total_timesteps, metrics_format=args.metrics_format,
         progress=args.progress, resume=resumed, title=f"{label} {args.env} seed {args.seed}",
+        curve_key=getattr(run, "curve_key", RETURN_KEY),
     )
     started = time.perf_counter()
     iteration = 0

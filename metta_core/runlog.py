@@ -19,15 +19,20 @@ from metta_core.errors import MettaError
 METRICS_FORMATS = ("jsonl", "csv")
 RETURN_KEY = "episode_return_mean"
 STEPS_KEY = "env_steps"
-BAR_KEYS = (RETURN_KEY, "policy_loss", "value_loss", "entropy", "approx_kl")
+REWARD_RATE_KEY = "reward_per_agent_step"
+CURVE_LABELS = {RETURN_KEY: ("env steps", "mean episodic return"), REWARD_RATE_KEY: ("agent steps", "mean reward per agent-step")}
+"""Axis labels of the learning curve for each metric it can plot."""
+BAR_KEYS = (RETURN_KEY, REWARD_RATE_KEY, "policy_loss", "value_loss", "entropy", "approx_kl")
+BAR_NAMES = {RETURN_KEY: "return", REWARD_RATE_KEY: "reward/step"}
 
 
 class RunLogger:
     """Append one row of metrics per training iteration and keep a progress bar current.
 
     ``out_dir/metrics.jsonl`` (or ``.csv``) gets one row per ``log`` call; ``close`` draws
-    ``out_dir/learning_curve.png`` (mean episodic return against env steps) from that file, so a
-    resumed run (``resume=True`` appends) plots its whole history.
+    ``out_dir/learning_curve.png`` (``curve_key`` against env steps: the mean episodic return, or
+    for multi-agent envs the mean reward per agent-step) from that file, so a resumed run
+    (``resume=True`` appends) plots its whole history.
     """
 
     def __init__(
@@ -39,9 +44,13 @@ class RunLogger:
         progress: bool = True,
         resume: bool = False,
         title: str = "",
+        curve_key: str = RETURN_KEY,
     ) -> None:
         if metrics_format not in METRICS_FORMATS:
             raise MettaError(f"metrics_format must be one of {METRICS_FORMATS}, got {metrics_format!r}")
+        if curve_key not in CURVE_LABELS:
+            raise MettaError(f"curve_key must be one of {sorted(CURVE_LABELS)}, got {curve_key!r}")
+        self.curve_key = curve_key
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / f"metrics.{metrics_format}"
@@ -72,7 +81,7 @@ class RunLogger:
                 csv.writer(f).writerow([row.get(c, "") for c in self._columns])
         self._bar.update(max(0, int(row[STEPS_KEY]) - self._bar.n))
         self._bar.set_postfix(
-            {k.replace("episode_return_mean", "return"): f"{row[k]:.3g}" for k in BAR_KEYS if k in row},
+            {BAR_NAMES.get(k, k): f"{row[k]:.3g}" for k in BAR_KEYS if k in row},
             refresh=False,
         )
 
@@ -93,13 +102,15 @@ class RunLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        points = [(r[STEPS_KEY], r[RETURN_KEY]) for r in self.rows() if not math.isnan(r.get(RETURN_KEY, math.nan))]
+        key = self.curve_key
+        points = [(r[STEPS_KEY], r[key]) for r in self.rows() if not math.isnan(r.get(key, math.nan))]
         fig, ax = plt.subplots(figsize=(6, 4))
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys)
-        ax.set_xlabel("env steps")
-        ax.set_ylabel("mean episodic return")
+        xlabel, ylabel = CURVE_LABELS[key]
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.set_title(self.title or "learning curve")
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
