@@ -34,6 +34,10 @@ TIME_DIM_NAME = "time"
 """The tensordict dimension name TorchRL collectors give the time axis."""
 
 
+COLLECTOR_MASK = ("collector", "mask")
+"""Where TorchRL's collectors mark real (True) and padding (False) steps of split trajectories."""
+
+
 def check_batch_time(td: TensorDictBase, who: str) -> None:
     """Check that ``td`` is laid out ``[B, T]`` with time last; raise a ``MettaError`` otherwise.
 
@@ -42,7 +46,8 @@ def check_batch_time(td: TensorDictBase, who: str) -> None:
 
     - a batch with other than 2 batch dims (``[T]`` or ``[B1, B2, T]`` are ambiguous rows);
     - names that do not mark exactly one ``"time"`` dim;
-    - a ``"time"`` dim that is not the last one (a ``[T, B]`` batch).
+    - a ``"time"`` dim that is not the last one (a ``[T, B]`` batch);
+    - padding steps: a ``("collector", "mask")`` entry (``split_trajs=True``) with a False value.
     """
     if td.batch_dims != 2:
         raise MettaError(
@@ -66,6 +71,13 @@ def check_batch_time(td: TensorDictBase, who: str) -> None:
     if td.batch_size.numel() == 0:
         raise MettaError(
             f"{who}: empty batch (batch_size {tuple(td.batch_size)}); collect at least one step per row"
+        )
+    mask = td.get(COLLECTOR_MASK, None)
+    if mask is not None and not bool(mask.all()):
+        raise MettaError(
+            f"{who}: {COLLECTOR_MASK!r} marks {int((~mask.bool()).sum())} padding step(s); Metta's rows are "
+            f"consecutive real steps (SPEC §1), so padded trajectories would be trained on: collect with "
+            f"split_trajs=False and cut each env's steps into rows with data.reshape(-1, bptt_horizon)"
         )
 
 

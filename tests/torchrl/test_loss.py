@@ -306,3 +306,15 @@ def test_continuous_actor_with_independent_normal():
     out = MettaPPOLoss(actor, critic)(batch)
     total(out).backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_padding_steps_of_split_trajectories_are_refused():
+    """TorchRL's ``("collector", "mask")`` marks padding (split_trajs=True): Metta's rows are real steps."""
+    actor, critic = make_modules()
+    loss = MettaPPOLoss(actor, critic)
+    batch = make_batch(actor, critic)
+    batch.set(("collector", "mask"), torch.ones(batch.batch_size, dtype=torch.bool))
+    loss(batch)  # every step real: accepted
+    batch["collector", "mask"][0, -2:] = False
+    with pytest.raises(MettaError, match=r"marks 2 padding step.*split_trajs=False"):
+        loss(batch)
