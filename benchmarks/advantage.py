@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import shutil
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ import numba
 import numpy as np
 import torch
 
+from benchmarks import write_json
 from benchmarks.busy import busy_machine, load_label
 from metta_core.advantage import compute_advantage
 from metta_core.kernels import cpu as cpu_kernel
@@ -187,9 +187,7 @@ def main(argv=None) -> dict:
         label = load_label()
         result = crossover(args.repeats) if args.crossover else run_all(args.repeats)
     print(f"load: {label}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"load": label, **result}, indent=2))
+    write_json(args.json, {"load": label, **result})
     return result
 
 

@@ -39,6 +39,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from benchmarks import write_json
+
 SEGMENTS, HORIZON = 1024, 64
 MINIBATCH_SIZE = 4096
 WARMUP_PHASES = 10
@@ -282,9 +284,7 @@ def main(argv=None) -> dict:
         return {}
     records = [measure(framework, args.phases) for framework in args.frameworks]
     print_table(records)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records, indent=2))
+    write_json(args.json, records)
     return {"results": records}
 
 

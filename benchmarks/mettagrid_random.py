@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import write_json
 from metta_core.envs import make_training_env
 
 CHUNK = 4096
@@ -55,9 +56,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     result = random_level(args.env, args.num_envs, args.seed, args.agent_steps)
     print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
+from benchmarks import write_json
 from metta_core.cnn_policy import GridCNN
 from metta_core.config import ADAM_EPS, PPOConfig
 from metta_core.envs import make_training_env
@@ -132,9 +133,7 @@ def main(argv=None) -> dict:
               "core_over_plain_wall": table["core"]["agent_steps_per_s"] / table["plain loop"]["agent_steps_per_s"],
               "core_over_plain_cpu": table["core"]["agent_steps_per_cpu_s"] / table["plain loop"]["agent_steps_per_cpu_s"]}
     print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

@@ -20,7 +20,6 @@ issue 12 is <= 1.0 for the per-column unroll). No assertion on time.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks import write_json
 from metta_core.recurrent import init_lstm_like_metta, unroll
 
 SHAPES = [(16, 32, 64), (64, 64, 128), (256, 64, 128)]
@@ -89,9 +89,7 @@ def main(argv=None) -> dict:
             rows_out.append(row)
             print(f"[{rows:>3}, {horizon:>2}] hidden {hidden:>3}  {name:<18} {median * 1e3:9.2f} ms  x{median / anchor:.2f}", flush=True)
     result = {"clock": args.clock, "threads": args.threads, "reset_prob": args.reset_prob, "rows": rows_out}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

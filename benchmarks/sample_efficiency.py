@@ -31,6 +31,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks import write_json
+
 LEARNERS = {
     "core": ("core", False),
     "torchrl": ("torchrl", False),
@@ -116,9 +118,7 @@ def main(argv=None) -> dict:
         reached = [s for s in steps if s is not None]
         median = f"{statistics.median(reached):>12,.0f}" if len(reached) == len(steps) else f"{'n/a':>12}"
         print(f"{learner:<16}" + "".join(cells) + median)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"budget": args.budget, "runs": rows}, indent=2))
+    write_json(args.json, {"budget": args.budget, "runs": rows})
     return {"runs": rows}
 
 

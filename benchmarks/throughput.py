@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+from benchmarks import write_json
 from metta_core.run import CoreRun, TrainArgs, TrainingRun
 
 TARGET = 0.95
@@ -159,9 +159,7 @@ def main(argv=None) -> dict:
         print(f"{r['framework']:<10} {r['ratio']:>12.3f} {r['ratio_cpu']:>7.3f} {r['target']:>7.2f}  "
               f"{'yes' if r['met'] else 'NO'}")
     result = {"iterations": args.iterations, "repeats": args.repeats, "runs": measured, "ratios": rows}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

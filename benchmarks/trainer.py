@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import write_json
 from benchmarks.busy import busy_machine, load_label
 
 TARGETS = {"steps_per_s": 0.7, "phase": 1.2}
@@ -237,9 +238,7 @@ def main(argv=None) -> dict:
     text, ratios = table(med, f"{label}, {args.threads} torch thread(s), {args.clock} clock, medians of {args.repeats} processes per side")
     print(text)
     result = {"load": label, "threads": args.threads, "clock": args.clock, "sides": med, "ratios": ratios}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 
