@@ -328,6 +328,13 @@ class MettaLayoutConnector(ConnectorV2):
 
     def finish(self, module, columns: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Slots -> tensors on the module's device, plus ``VF_PREDS`` (no grad) and ``A0``."""
+        if module.is_stateful():
+            raise MettaError(
+                f"MettaLayoutConnector: {type(module).__name__} is stateful (e.g. model_config use_lstm=True); the "
+                f"RLlib bridge does not run Metta's stored-state BPTT (SPEC §6) yet, so its rows would start from "
+                f"the wrong state. Use a feed-forward module here, or a recurrent policy in the core "
+                f"(metta-bridges train --framework core --policy lstm)"
+            )
         device = next(module.parameters()).device
         out = {c: torch.as_tensor(v, device=device) for c, v in columns.items()}
         with torch.no_grad():

@@ -90,3 +90,17 @@ def test_module_output_without_values_api(learner):
     batch = layout_batch(learner)
     with pytest.raises(MettaError, match="action_dist_inputs"):
         learner.compute_losses(fwd_out={DEFAULT_MODULE_ID: {"x": torch.zeros(1)}}, batch={DEFAULT_MODULE_ID: batch})
+
+
+def test_stateful_module_is_refused_with_the_alternative():
+    """RLlib's own PPO trains ``use_lstm``; the bridge does not run SPEC §6 in RLlib yet: a clear refusal
+    (it used to die with ``KeyError: 'state_in'``)."""
+    config = make_config().rl_module(model_config={"use_lstm": True, "lstm_cell_size": 8, "max_seq_len": HORIZON})
+    learner = build(config)
+    ep = SingleAgentEpisode(
+        observations=[[0.0] * 4] * (HORIZON + 1), actions=[0] * HORIZON, rewards=[1.0] * HORIZON,
+        extra_model_outputs={Columns.ACTION_LOGP: [0.0] * HORIZON}, len_lookback_buffer=0,
+    ).to_numpy()
+    connector = MettaLayoutConnector.from_config(config)
+    with pytest.raises(MettaError, match=r"stateful .*use_lstm.*--policy lstm"):
+        connector(rl_module=learner.module, batch={}, episodes=[ep])
