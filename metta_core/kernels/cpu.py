@@ -25,22 +25,27 @@ _ROWS_PER_BLOCK = 4
 
 
 @numba.njit(cache=True, boundscheck=False)
-def _row_terms(v, r, d, w, gamma, gl, rho_clip, c_clip, delta, coef):
-    """Pass 1 for one row: ``delta[t]`` and ``coef[t] = gamma*lambda*min(w,c_clip)*nnt`` for t < H-1."""
+def _row_terms(values, rewards, dones, ratio, s, gamma, gl, rho_clip, c_clip, delta, coef, i):
+    """Pass 1 for row ``s`` into scratch row ``i``: ``delta[i, t]`` and
+    ``coef[i, t] = gamma*lambda*min(w,c_clip)*nnt`` for t < H-1.
+
+    Takes the 2-D arrays and row indices, not row views: a view per row costs a reference-count
+    increment and decrement each (atomic), which on the serial path made the kernel 1.6x slower at
+    ``[16384, 64]`` than the same code inlined into the parallel entry point.
+    """
     one = np.float32(1.0)
-    h = v.shape[0]
+    h = values.shape[1]
     for t in range(h - 1):
-        nnt = one - d[t + 1]
-        wt = w[t]
-        delta[t] = min(wt, rho_clip) * (r[t + 1] + gamma * v[t + 1] * nnt - v[t])
-        coef[t] = gl * min(wt, c_clip) * nnt
+        nnt = one - dones[s, t + 1]
+        wt = ratio[s, t]
+        delta[i, t] = min(wt, rho_clip) * (rewards[s, t + 1] + gamma * values[s, t + 1] * nnt - values[s, t])
+        coef[i, t] = gl * min(wt, c_clip) * nnt
 
 
 @numba.njit(cache=True, boundscheck=False)
 def _block(values, rewards, dones, ratio, s0, n_rows, gamma, gl, rho_clip, c_clip, delta, coef, out):
     for i in range(n_rows):
-        s = s0 + i
-        _row_terms(values[s], rewards[s], dones[s], ratio[s], gamma, gl, rho_clip, c_clip, delta[i], coef[i])
+        _row_terms(values, rewards, dones, ratio, s0 + i, gamma, gl, rho_clip, c_clip, delta, coef, i)
     h = values.shape[1]
     zero = np.float32(0.0)
     for i in range(n_rows):
