@@ -5,9 +5,11 @@ Layout: rows are processed four at a time in two passes. Pass 1 reads each row f
 pass 2 runs the four independent recursions ``A[t] = delta[t] + coef[t] * A[t+1]``
 interleaved, so their latency overlaps instead of one chain stalling the core, and writes the
 four output rows directly. Both passes also check the values (finite inputs, 0/1 flags, ratio >=
-0, finite result) at almost no cost, since every element passes through a register anyway; the
-entry points return a nonzero count when something fails, and the caller then diagnoses it. Every row's arithmetic is the same whatever the thread count, so the
-serial and the parallel entry points give the same bits.
+0, finite result) while the elements are in registers: about a fifth of the kernel's time at
+``[16384, 64]``, against three times the kernel for a separate torch reduction. The entry points
+return a nonzero count when something fails, and the caller then diagnoses it. Every row's
+arithmetic is the same whatever the thread count, so the serial and the parallel entry points
+give the same bits.
 
 Thread policy (``kernel_threads``): the kernel runs on ``min(budget, numba's pool, blocks)``
 threads, where ``budget`` is the caller's (``torch.get_num_threads()`` in
