@@ -148,8 +148,9 @@ def _use_compiled(values: Tensor) -> bool:
     return False
 
 
-def _run_compiled(arrays: list[Tensor], scalars: list[float], out: Tensor) -> None:
-    """The compiled kernel under the thread policy of ``metta_core.kernels.cpu.kernel_threads``.
+def _run_compiled(arrays: list[Tensor], scalars: list[float], out: Tensor) -> int:
+    """The compiled kernel under the thread policy of ``metta_core.kernels.cpu.kernel_threads``;
+    returns the kernel's value check (0: inputs valid and result finite).
 
     The budget is ``torch.get_num_threads()``; torch's setting is never changed: numba's OpenMP
     layer sets the process's OpenMP thread count to its own pool size when it starts (which is
@@ -160,12 +161,11 @@ def _run_compiled(arrays: list[Tensor], scalars: list[float], out: Tensor) -> No
     threads = _advantage_cpu.kernel_threads(segments, horizon, budget, numba.config.NUMBA_NUM_THREADS)
     args = (*(a.numpy() for a in arrays), *(np.float32(x) for x in scalars), out.numpy())
     if threads == 1:
-        _advantage_cpu.advantage_serial(*args)
-        return
+        return _advantage_cpu.advantage_serial(*args)
     previous = numba.get_num_threads()  # the first call starts numba's threading layer
     numba.set_num_threads(threads)
     try:
-        _advantage_cpu.advantage_parallel(*args, threads)
+        return _advantage_cpu.advantage_parallel(*args, threads)
     finally:
         numba.set_num_threads(previous)
         if torch.get_num_threads() != budget:
@@ -203,17 +203,19 @@ def compute_advantage(
     other devices (and CPU without numba, or ``METTA_ADVANTAGE_BACKEND=torch``) use a log-depth scan.
 
     Shapes, dtypes and hyperparameter ranges are always checked; with ``check_values`` (the
-    default) also, in one fused reduction, that the inputs are finite, ``dones`` are 0/1 flags,
-    the ratio is >= 0 and the result did not overflow. ``ppo_minibatch_loss`` passes ``False``
-    because it checks the same tensors in its own single reduction.
+    default) also that the inputs are finite, ``dones`` are 0/1 flags, the ratio is >= 0 and the
+    result did not overflow: inside the compiled kernel as it computes, otherwise (and for float64
+    ``dones``, whose float32 copy could round a bad flag to 0 or 1) in one fused reduction; a
+    failure is diagnosed by tensor. ``ppo_minibatch_loss`` passes ``False`` because it checks the
+    same tensors in its own single reduction.
     """
     _check_advantage_inputs(values, rewards, dones, importance_sampling_ratio)
     _check_hyperparameters(gamma, gae_lambda, rho_clip, c_clip)
     if values.numel() == 0:
         return torch.zeros_like(values)
-    out = _advantage(values, rewards, dones.to(torch.float32), importance_sampling_ratio,
-                     gamma, gae_lambda, rho_clip, c_clip)
-    if check_values:
+    out, problems = _advantage(values, rewards, dones.to(torch.float32), importance_sampling_ratio,
+                               gamma, gae_lambda, rho_clip, c_clip)
+    if check_values and (problems != 0 or dones.dtype == torch.float64):
         _check_advantage_values(values, rewards, dones, importance_sampling_ratio, out)
     return out
 
@@ -221,18 +223,18 @@ def compute_advantage(
 def _advantage(
     values: Tensor, rewards: Tensor, dones: Tensor, importance_sampling_ratio: Tensor,
     gamma: float, gae_lambda: float, rho_clip: float, c_clip: float,
-) -> Tensor:
-    """The kernel call of ``compute_advantage`` (inputs already checked, ``dones`` float32)."""
+) -> tuple[Tensor, int | None]:
+    """The kernel call of ``compute_advantage`` (inputs already checked, ``dones`` float32):
+    the advantage and the compiled kernel's value check (0: valid; ``None``: not checked)."""
     if _use_compiled(values):
         arrays = [x.detach().contiguous() for x in (values, rewards, dones, importance_sampling_ratio)]
         out = torch.empty_like(arrays[0])
-        f32 = torch.tensor([gamma, gae_lambda, rho_clip, c_clip], dtype=torch.float32).tolist()
-        _run_compiled(arrays, f32, out)
-        return out
+        problems = _run_compiled(arrays, [gamma, gae_lambda, rho_clip, c_clip], out)
+        return out, problems
     return advantage_scan(
         values.detach(), rewards.detach(), dones, importance_sampling_ratio.detach(),
         gamma, gae_lambda, rho_clip, c_clip,
-    )
+    ), None
 
 
 def normalize_advantage(

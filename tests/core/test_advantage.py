@@ -345,3 +345,71 @@ def test_starting_numba_threads_keeps_the_callers_torch_budget():
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "3"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["2", "3"]
+
+
+# --- value checks (inside the compiled kernel on CPU, one torch reduction otherwise) ---
+
+_BAD_VALUES = [
+    ("values", float("nan"), r"values holds 1 non-finite value\(s\)"),
+    ("values", float("inf"), r"values holds 1 non-finite value\(s\)"),
+    ("rewards", float("-inf"), r"rewards holds 1 non-finite value\(s\)"),
+    ("importance_sampling_ratio", float("nan"), r"importance_sampling_ratio holds 1 non-finite value\(s\)"),
+    ("importance_sampling_ratio", -0.5, r"importance_sampling_ratio holds 1 negative value\(s\)"),
+    ("dones", 0.5, r"dones holds 1 value\(s\) that are not terminal flags"),
+    ("dones", float("nan"), r"dones holds 1 value\(s\) that are not terminal flags"),
+]
+
+
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+@pytest.mark.parametrize("shape", [(5, 7), BIG, (3, 1)])  # serial kernel, parallel kernel, horizon 1
+@pytest.mark.parametrize("key, bad, match", _BAD_VALUES)
+def test_bad_values_are_refused_wherever_they_are(monkeypatch, backend, shape, key, bad, match):
+    """Every element is checked, also those the formula never reads (rewards and dones at t=0,
+    the ratio at t=H-1), on both the serial and the parallel kernel path."""
+    if backend == "torch":
+        monkeypatch.setenv("METTA_ADVANTAGE_BACKEND", "torch")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)  # BIG then runs the parallel entry point
+    try:
+        for row, col in ((0, 0), (shape[0] - 1, shape[1] - 1), (shape[0] // 2, shape[1] // 2)):
+            inputs = {"values": torch.zeros(shape), "rewards": torch.zeros(shape), "dones": torch.zeros(shape),
+                      "importance_sampling_ratio": torch.ones(shape)}
+            inputs[key][row, col] = bad
+            with pytest.raises(MettaError, match=match):
+                compute_advantage(**inputs, gamma=0.9, gae_lambda=0.9)
+            compute_advantage(**inputs, gamma=0.9, gae_lambda=0.9, check_values=False)  # no check asked: no error
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+def test_overflowing_result_is_refused(monkeypatch, backend):
+    if backend == "torch":
+        monkeypatch.setenv("METTA_ADVANTAGE_BACKEND", "torch")
+    values = torch.zeros(6, 40)
+    rewards = torch.full((6, 40), 3e38)
+    rewards[:, :20] = 0  # finite advantages in the second half, overflow only where rewards add up
+    ratio = torch.ones(6, 40)
+    with pytest.raises(MettaError, match="the advantage overflows float32 although every input is finite"):
+        compute_advantage(values, rewards, torch.zeros(6, 40), ratio, gamma=1.0, gae_lambda=1.0)
+
+
+def test_float64_dones_are_checked_before_the_float32_copy():
+    """1 + 1e-12 rounds to 1.0 in float32: the flag check must see the float64 value."""
+    dones = torch.zeros(4, 5, dtype=torch.float64)
+    dones[1, 2] = 1 + 1e-12
+    with pytest.raises(MettaError, match=r"dones holds 1 value\(s\) that are not terminal flags"):
+        compute_advantage(torch.zeros(4, 5), torch.zeros(4, 5), dones, torch.ones(4, 5), gamma=0.9, gae_lambda=0.9)
+
+
+def test_kernel_check_is_zero_for_valid_inputs_and_counts_bad_rows():
+    values, rewards, dones, ratio = _big_case()
+    arrays = [x.numpy().copy() for x in (values, rewards, dones, ratio)]
+    scalars = [np.float32(x) for x in (0.977, 0.891477, 1.0, 1.0)]
+    out = np.empty_like(arrays[0])
+    assert cpu_kernel.advantage_serial(*arrays, *scalars, out) == 0
+    assert cpu_kernel.advantage_parallel(*arrays, *scalars, out, 2) == 0
+    arrays[1][7, 0] = np.nan  # a column the formula never reads
+    arrays[3][1030, 66] = -1.0  # last row (the 3-row tail block), last column
+    assert cpu_kernel.advantage_serial(*arrays, *scalars, out) > 0
+    assert cpu_kernel.advantage_parallel(*arrays, *scalars, out, 2) > 0
