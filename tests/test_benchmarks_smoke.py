@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numba
 import numpy as np
@@ -46,9 +47,15 @@ def test_busy_machine_starts_one_spinner_per_core_and_stops_them(monkeypatch):
 
 
 def test_busy_machine_really_spins_and_cleans_up():
-    with busy.busy_machine(processes=1):
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).endswith(busy.SPIN)]
-        mine = [p for p in pids if _parent(p) == os.getpid()]
+    with busy.busy_machine(processes=1) as count:
+        assert count == 1, f"busy_machine started {count} spinners (another block still running?)"
+        deadline = time.monotonic() + 10  # a loaded machine may not have scheduled the new process yet
+        while True:
+            pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).endswith(busy.SPIN)]
+            mine = [p for p in pids if _parent(p) == os.getpid()]
+            if mine or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert len(mine) == 1 and _alive(mine[0])
     assert not _alive(mine[0])
 
