@@ -7,11 +7,10 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
-from torch.distributions import Categorical
 
 from metta_core.errors import MettaError
 from metta_core.experience import ExperienceSpec, FieldSpec
-from metta_core.policy import OBS_KEY, orthogonal_linear
+from metta_core.policy import OBS_KEY, orthogonal_linear, write_policy_outputs
 
 
 def _conv(n_in: int, n_out: int, kernel: int, stride: int) -> nn.Conv2d:
@@ -70,16 +69,8 @@ class GridCNN(nn.Module):
         batch = obs.shape[: obs.dim() - 3]
         x = obs.reshape(-1, *self.obs_shape).float() * self.inv_scale
         hidden = self.trunk(x)
-        dist = Categorical(logits=self.actor(hidden))
-        if action is None:
-            action = dist.sample()
-            td["actions"] = action.reshape(batch)
-        else:
-            action = action.reshape(-1)
-        td["act_log_prob"] = dist.log_prob(action).reshape(batch)
-        td["entropy"] = dist.entropy().reshape(batch)
-        td["values"] = self.critic(hidden).reshape(batch)
-        return td
+        return write_policy_outputs(td, batch, (), self.actor(hidden), self.critic(hidden), continuous=False,
+                                    action=action, who="GridCNN")
 
     def get_agent_experience_spec(self) -> ExperienceSpec:
         return ExperienceSpec({OBS_KEY: FieldSpec(self.obs_shape, self.obs_dtype)})

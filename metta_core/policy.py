@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
-from torch.distributions import Categorical, Distribution, Independent, Normal
+from torch.distributions import Distribution, Independent, Normal
 
 from metta_core.errors import MettaError
 from metta_core.experience import ExperienceSpec, FieldSpec
@@ -97,12 +97,59 @@ def categorical_terms(logits: Tensor, action: Tensor | None = None) -> tuple[Ten
     return action, log_prob, entropy
 
 
-def action_distribution(out: Tensor, log_std: Tensor | None, continuous: bool) -> Distribution:
-    """``Categorical(logits=out)``, or for ``Box`` actions a diagonal ``Normal(out, exp(log_std))``
-    whose log-prob and entropy sum over action dims."""
-    if not continuous:
-        return Categorical(logits=out)
-    return Independent(Normal(out, log_std.exp().expand_as(out)), 1)
+def diagonal_normal(mean: Tensor, log_std: Tensor) -> Distribution:
+    """The ``Box`` action distribution: ``Normal(mean, exp(log_std))`` whose log-prob and entropy sum
+    over the action dims."""
+    return Independent(Normal(mean, log_std.exp().expand_as(mean)), 1)
+
+
+def write_policy_outputs(
+    td: TensorDict,
+    batch: tuple[int, ...] | torch.Size,
+    action_shape: tuple[int, ...],
+    head_out: Tensor,
+    values: Tensor,
+    *,
+    continuous: bool,
+    log_std: Tensor | None = None,
+    action: Tensor | None = None,
+    who: str = "policy",
+) -> TensorDict:
+    """Write the ``Policy`` contract's outputs for flat head outputs ``[n, ...]`` over ``batch``.
+
+    ``head_out`` are the logits (``Categorical``, through ``categorical_terms``) or, for ``Box``
+    actions, the means of ``diagonal_normal`` (with ``log_std``); ``values`` the critic's ``[n, 1]`` or ``[n]``.
+    With ``action=None`` an action is sampled and written to ``td["actions"]``; otherwise the given
+    ``action`` (shape ``(*batch, *action_shape)``) is scored. Writes ``act_log_prob``, ``entropy``
+    and ``values`` with shape ``batch``. An action outside the space is a ``MettaError``.
+    """
+    sampled = action is None
+    if not sampled:
+        if tuple(action.shape) != (*batch, *action_shape):
+            raise MettaError(
+                f"{who}: action has shape {tuple(action.shape)}, expected {(*batch, *action_shape)} "
+                f"(the observation batch {tuple(batch)} times the action space's shape {action_shape})"
+            )
+        action = action.reshape(-1, *action_shape)
+    try:
+        if not continuous:  # Categorical's math without the distribution object (categorical_terms)
+            action, log_prob, entropy = categorical_terms(head_out, action)
+        else:
+            dist = diagonal_normal(head_out, log_std)
+            action = dist.sample() if sampled else action
+            log_prob, entropy = dist.log_prob(action), dist.entropy()
+    except (ValueError, RuntimeError, IndexError) as exc:  # outside the space: torch's support check,
+        # or the index error of an out-of-range discrete action
+        raise MettaError(
+            f"{who}: the action {tuple(action.shape)} is outside the action space ({exc}); pass actions "
+            f"sampled from this policy's action space"
+        ) from None
+    if sampled:
+        td["actions"] = action.reshape(*batch, *action_shape)
+    td["act_log_prob"] = log_prob.reshape(batch)
+    td["entropy"] = entropy.reshape(batch)
+    td["values"] = values.reshape(batch)
+    return td
 
 
 class ActorCritic(nn.Module):
@@ -131,9 +178,6 @@ class ActorCritic(nn.Module):
             raise MettaError(f"ActorCritic supports Discrete and Box action spaces, got {action_space}")
         self.critic = mlp(obs_dim, hidden, 1, 1.0)
 
-    def distribution(self, obs: Tensor) -> Distribution:
-        return action_distribution(self.actor(obs), getattr(self, "log_std", None), self.continuous)
-
     def forward(self, td: TensorDict, action: Tensor | None = None) -> TensorDict:
         obs = td[OBS_KEY]
         if tuple(obs.shape[obs.dim() - len(self.obs_shape):]) != self.obs_shape or obs.dim() < len(self.obs_shape):
@@ -143,34 +187,10 @@ class ActorCritic(nn.Module):
             )
         batch = obs.shape[: obs.dim() - len(self.obs_shape)]
         flat_obs = obs.reshape(-1, self.obs_dim).float()
-        sampled = action is None
-        if not sampled:
-            if tuple(action.shape) != (*batch, *self.action_shape):
-                raise MettaError(
-                    f"ActorCritic: action has shape {tuple(action.shape)}, expected {(*batch, *self.action_shape)} "
-                    f"(the observation batch {tuple(batch)} times the action space's shape {self.action_shape})"
-                )
-            action = action.reshape(-1, *self.action_shape)
-        dist = self.distribution(flat_obs) if self.continuous else None
-        logits = None if self.continuous else self.actor(flat_obs)
-        try:
-            if dist is None:  # Categorical's math without the distribution object (categorical_terms)
-                action, log_prob, entropy = categorical_terms(logits, action)
-            else:
-                action = dist.sample() if sampled else action
-                log_prob, entropy = dist.log_prob(action), dist.entropy()
-        except (ValueError, RuntimeError, IndexError) as exc:  # outside the space: torch's support check,
-            # or the index error of an out-of-range discrete action
-            raise MettaError(
-                f"ActorCritic: the action {tuple(action.shape)} is outside the action space ({exc}); pass actions "
-                f"sampled from this policy's action space"
-            ) from None
-        if sampled:
-            td["actions"] = action.reshape(*batch, *self.action_shape)
-        td["act_log_prob"] = log_prob.reshape(batch)
-        td["entropy"] = entropy.reshape(batch)
-        td["values"] = self.critic(flat_obs).reshape(batch)
-        return td
+        return write_policy_outputs(
+            td, batch, self.action_shape, self.actor(flat_obs), self.critic(flat_obs),
+            continuous=self.continuous, log_std=getattr(self, "log_std", None), action=action, who="ActorCritic",
+        )
 
     def get_agent_experience_spec(self) -> ExperienceSpec:
         return ExperienceSpec({OBS_KEY: FieldSpec(self.obs_shape, torch.float32)})

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from metta_core.errors import MettaError
 from metta_core.experience import ExperienceSpec, FieldSpec
-from metta_core.policy import OBS_KEY, action_distribution, mlp
+from metta_core.policy import OBS_KEY, mlp, write_policy_outputs
 from metta_core.recurrent import RecurrentState, init_lstm_like_metta, step_cell, unroll, zero_where_reset
 
 __all__ = ["LAST_ACTIONS_KEY", "RecurrentActorCritic", "RecurrentTrunk"]
@@ -193,17 +193,11 @@ class RecurrentActorCritic(nn.Module):
         else:
             features = [trunk.training_rows(td, x, reset) for trunk in self.trunks]
         actor_features, critic_features = (f.reshape(-1, f.shape[-1]) for f in (features[0], features[-1]))
-        batch = td.batch_size
-        dist = action_distribution(self.actor(actor_features), getattr(self, "log_std", None), self.continuous)
-        if action is None:
-            action = dist.sample()
-            td["actions"] = action.reshape(*batch, *self.action_shape)
-        else:
-            action = action.reshape(-1, *self.action_shape)
-        td["act_log_prob"] = dist.log_prob(action).reshape(batch)
-        td["entropy"] = dist.entropy().reshape(batch)
-        td["values"] = self.critic(critic_features).reshape(batch)
-        return td
+        return write_policy_outputs(
+            td, td.batch_size, self.action_shape, self.actor(actor_features), self.critic(critic_features),
+            continuous=self.continuous, log_std=getattr(self, "log_std", None), action=action,
+            who="RecurrentActorCritic",
+        )
 
     # -- internals ------------------------------------------------------------------------
     def _inputs(self, td: TensorDict) -> Tensor:
