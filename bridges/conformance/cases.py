@@ -4,12 +4,14 @@ A case is two files next to each other (format ``metta-conformance/1``, document
 ``golden/README.md`` next to this module):
 
 - ``<name>.json``: settings (``ppo`` = every ``PPOConfig`` field, ``trainer`` sizes,
-  ``trainer_epoch``, ``sample_seed``, ``optimizer``, ``policy``), a manifest of the arrays
+  ``trainer_epoch``, ``sample_seed``, ``optimizer``, ``policy`` with its optional ``kind``
+  ``mlp`` | ``lstm`` | ``gru``, the optional ``layout``), a manifest of the arrays
   (``shape``, ``dtype``), and the expected scalars (``expected.terms``, ``expected.phase_stats``,
   ``expected.phase_counts``) or ``expected.error``.
 - ``<name>.npz``: the arrays, keyed ``data/<field>`` (Metta layout ``[segments, horizon, ...]``,
-  SPEC §1), ``weights/<param>`` (initial ``ActorCritic`` parameters), ``minibatch/idx`` and
-  ``minibatch/prio_weights`` (the minibatch of the one-step check), and
+  SPEC §1; a recurrent policy's stored input states ``data/<state key>``, SPEC §6),
+  ``weights/<param>`` (initial ``ActorCritic`` or ``RecurrentActorCritic`` parameters),
+  ``minibatch/idx`` and ``minibatch/prio_weights`` (the minibatch of the one-step check), and
   ``expected/{grads,params_after_step,params_after_phase}/<param>``.
 
 Every expected value comes from ``bridges.conformance.reference`` (not from ``metta_core``).
@@ -35,7 +37,8 @@ from metta_core.config import PPOConfig, TrainerConfig
 from metta_core.errors import MettaError
 
 from bridges.conformance import reference
-from bridges.conformance.reference import Measurement, PHASE_STAT_NAMES, TERM_NAMES
+from bridges.conformance.reference import (Measurement, PHASE_STAT_NAMES, RECURRENT_KINDS, TERM_NAMES, policy_kind,
+                                           state_keys, trunk_roles)
 
 FORMAT = "metta-conformance/1"
 """Value of the ``format`` field of every case file."""
@@ -45,6 +48,16 @@ CASES_DIR = Path(__file__).resolve().parent / "golden"
 
 DATA_FIELDS = ("env_obs", "actions", "act_log_prob", "values", "rewards", "dones", "truncateds")
 """The ``data/<field>`` arrays: Metta's buffer fields (SPEC §1)."""
+
+POLICY_KINDS = ("mlp", *RECURRENT_KINDS)
+"""``policy.kind`` values: ``mlp`` (``ActorCritic``, the default when absent), ``lstm``, ``gru``
+(``RecurrentActorCritic``)."""
+
+ARCHITECTURES = {"mlp": "actor_critic_tanh_mlp", "lstm": "recurrent_actor_critic", "gru": "recurrent_actor_critic"}
+"""``policy.architecture`` of each ``policy.kind``."""
+
+RECURRENT_FIELDS = ("hidden_size", "num_layers", "shared_core")
+"""``policy`` fields of the recurrent kinds only (``hidden`` is the MLP kind's only)."""
 
 PARAM_GROUPS = ("grads", "params_after_step", "params_after_phase")
 """The per-parameter expected arrays, ``expected/<group>/<param>``."""
@@ -66,18 +79,37 @@ class CaseError(MettaError):
 # -- the policy architecture -------------------------------------------------------------------
 
 def parameter_shapes(policy: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """``ActorCritic`` parameter names and shapes for a case's ``policy`` block.
+    """``ActorCritic`` (``kind`` mlp) or ``RecurrentActorCritic`` (lstm, gru) parameter names and shapes.
 
-    Actor and critic are separate tanh MLPs ``obs_dim -> hidden... -> out``; their linear layers
-    sit at even indices of an ``nn.Sequential`` (``actor.0``, ``actor.2``, ...). ``out`` is ``n``
-    for discrete actions, ``dim`` for continuous ones (plus a state-independent ``log_std [dim]``);
-    the critic's ``out`` is 1.
+    MLP: actor and critic are separate tanh MLPs ``obs_dim -> hidden... -> out``; their linear
+    layers sit at even indices of an ``nn.Sequential`` (``actor.0``, ``actor.2``, ...).
+    Recurrent: one trunk (``shared_core``) or two (actor's ``trunks.0``, critic's ``trunks.1``),
+    each ``encoder.0`` (``Linear obs_dim -> hidden_size``, then tanh) and ``core`` (``nn.LSTM`` /
+    ``nn.GRU`` parameters ``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``,
+    ``bias_hh_l{k}``), and linear heads ``actor.0``, ``critic.0`` over ``2 * hidden_size`` features.
+    ``out`` is ``n`` for discrete actions, ``dim`` for continuous ones (plus a state-independent
+    ``log_std [dim]``); the critic's ``out`` is 1.
     """
     action = policy["action"]
     n_out = action["n"] if action["kind"] == "discrete" else action["dim"]
     shapes: dict[str, tuple[int, ...]] = {}
     if action["kind"] == "continuous":
         shapes["log_std"] = (n_out,)
+    if policy_kind(policy) in RECURRENT_KINDS:
+        hidden = policy["hidden_size"]
+        gates = (4 if policy_kind(policy) == "lstm" else 3) * hidden
+        for j in range(len(trunk_roles(policy))):
+            shapes[f"trunks.{j}.encoder.0.weight"] = (hidden, policy["obs_dim"])
+            shapes[f"trunks.{j}.encoder.0.bias"] = (hidden,)
+            for k in range(policy["num_layers"]):
+                shapes[f"trunks.{j}.core.weight_ih_l{k}"] = (gates, hidden)
+                shapes[f"trunks.{j}.core.weight_hh_l{k}"] = (gates, hidden)
+                shapes[f"trunks.{j}.core.bias_ih_l{k}"] = (gates,)
+                shapes[f"trunks.{j}.core.bias_hh_l{k}"] = (gates,)
+        for prefix, out in (("actor", n_out), ("critic", 1)):
+            shapes[f"{prefix}.0.weight"] = (out, 2 * hidden)
+            shapes[f"{prefix}.0.bias"] = (out,)
+        return shapes
     for prefix, out in (("actor", n_out), ("critic", 1)):
         dims = [policy["obs_dim"], *policy["hidden"], out]
         for j in range(len(dims) - 1):
@@ -112,6 +144,22 @@ class Case:
     def trainer(self) -> TrainerConfig:
         return TrainerConfig.model_validate(self.config["trainer"])
 
+    @property
+    def policy_kind(self) -> str:
+        """``"mlp"``, ``"lstm"`` or ``"gru"`` (``policy.kind``; ``"mlp"`` when absent)."""
+        return policy_kind(self.config["policy"])
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        """The recurrent policy's stored input state fields in ``data`` (``()`` for an MLP)."""
+        return state_keys(self.config["policy"])
+
+    @property
+    def agents(self) -> int:
+        """Agents per env (``layout.agents``; 1 without a layout): row ``s`` is agent ``s % agents``
+        of env group ``s // agents``."""
+        return self.config.get("layout", {}).get("agents", 1)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The ``data`` arrays as new CPU tensors."""
         return {k: torch.from_numpy(v.copy()) for k, v in self.data.items()}
@@ -144,20 +192,65 @@ def _check_settings(case: str, doc: Mapping[str, Any]) -> None:
     if opt["name"] != "adam":
         raise CaseError(case, "optimizer.name", f"{opt['name']!r} is not supported; every runner uses 'adam'")
     pol = doc["policy"]
-    _require(case, pol, ("architecture", "obs_dim", "hidden", "action"), "policy")
-    if pol["architecture"] != "actor_critic_tanh_mlp":
-        raise CaseError(case, "policy.architecture", f"{pol['architecture']!r} is unknown; use 'actor_critic_tanh_mlp'")
-    if not isinstance(pol["obs_dim"], int) or pol["obs_dim"] < 1:
+    _check_policy(case, pol)
+    if "layout" in doc:
+        _check_layout(case, doc["layout"], doc["trainer"])
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_policy(case: str, pol: Any) -> None:
+    if not isinstance(pol, Mapping):
+        raise CaseError(case, "policy", f"expected an object, got {type(pol).__name__}")
+    kind = pol.get("kind", "mlp")
+    if kind not in POLICY_KINDS:
+        raise CaseError(case, "policy.kind", f"{kind!r} is not supported; use one of {list(POLICY_KINDS)}")
+    recurrent = kind in RECURRENT_KINDS
+    _require(case, pol, ("architecture", "obs_dim", *(RECURRENT_FIELDS if recurrent else ("hidden",)), "action"),
+             "policy")
+    for other in ("hidden",) if recurrent else RECURRENT_FIELDS:
+        if other in pol:
+            raise CaseError(case, f"policy.{other}", f"is not a field of policy.kind {kind!r}; use "
+                            f"{'hidden_size, num_layers, shared_core' if recurrent else 'hidden'}")
+    if pol["architecture"] != ARCHITECTURES[kind]:
+        raise CaseError(case, "policy.architecture", f"{pol['architecture']!r} does not match policy.kind {kind!r}; "
+                        f"use {ARCHITECTURES[kind]!r}")
+    if not _positive_int(pol["obs_dim"]):
         raise CaseError(case, "policy.obs_dim", f"must be a positive integer, got {pol['obs_dim']!r}")
-    if not isinstance(pol["hidden"], list) or not all(isinstance(h, int) and h > 0 for h in pol["hidden"]):
+    if recurrent:
+        for key in ("hidden_size", "num_layers"):
+            if not _positive_int(pol[key]):
+                raise CaseError(case, f"policy.{key}", f"must be a positive integer, got {pol[key]!r}")
+        if not isinstance(pol["shared_core"], bool):
+            raise CaseError(case, "policy.shared_core", f"must be true or false, got {pol['shared_core']!r}")
+    elif not isinstance(pol["hidden"], list) or not all(isinstance(h, int) and h > 0 for h in pol["hidden"]):
         raise CaseError(case, "policy.hidden", f"must be a list of positive widths, got {pol['hidden']!r}")
     action = pol["action"]
-    kind = action.get("kind") if isinstance(action, Mapping) else None
-    size_key = {"discrete": "n", "continuous": "dim"}.get(kind)
+    action_kind = action.get("kind") if isinstance(action, Mapping) else None
+    size_key = {"discrete": "n", "continuous": "dim"}.get(action_kind)
     if size_key is None:
-        raise CaseError(case, "policy.action.kind", f"{kind!r} is not supported; use 'discrete' or 'continuous'")
+        raise CaseError(case, "policy.action.kind", f"{action_kind!r} is not supported; use 'discrete' or 'continuous'")
     if not isinstance(action.get(size_key), int) or action[size_key] < 1:
         raise CaseError(case, f"policy.action.{size_key}", f"must be a positive integer, got {action.get(size_key)!r}")
+
+
+def _check_layout(case: str, layout: Any, trainer: Mapping[str, Any]) -> None:
+    """``layout = {"agents": A}``: rows are ``env * A + agent`` (SPEC §1), so ``A`` divides the segments."""
+    if not isinstance(layout, Mapping):
+        raise CaseError(case, "layout", f"expected an object {{\"agents\": A}}, got {type(layout).__name__}")
+    unknown = sorted(set(layout) - {"agents"})
+    if unknown:
+        raise CaseError(case, f"layout.{unknown[0]}", "is not a layout field; the only one is 'agents'")
+    _require(case, layout, ("agents",), "layout")
+    agents = layout["agents"]
+    if not _positive_int(agents):
+        raise CaseError(case, "layout.agents", f"must be a positive integer, got {agents!r}")
+    segments = TrainerConfig.model_validate(trainer).sizes["segments"]
+    if segments % agents:
+        raise CaseError(case, "layout.agents", f"{agents} agents per env do not divide the {segments} segments "
+                        f"(batch_size // bptt_horizon); rows are env * agents + agent, so use a divisor of {segments}")
 
 
 def expected_shapes(doc: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -172,6 +265,8 @@ def expected_shapes(doc: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], 
     }
     for name in DATA_FIELDS[2:]:
         out[f"data/{name}"] = (st, "float32")
+    for key in state_keys(pol):
+        out[f"data/{key}"] = ((*st, pol["num_layers"], pol["hidden_size"]), "float32")
     shapes = parameter_shapes(pol)
     out.update({f"weights/{k}": (s, "float32") for k, s in shapes.items()})
     out["minibatch/idx"] = ((n["minibatch_segments"],), "int64")
@@ -274,9 +369,11 @@ def load_case(json_path: str | Path) -> Case:
         expected = Measurement(terms=dict(exp["terms"]), phase_stats=dict(exp["phase_stats"]), **groups)
     config = {k: doc[k] for k in ("ppo", "trainer", "trainer_epoch", "sample_seed", "optimizer", "policy")}
     config["trainer"] = TrainerConfig.model_validate(doc["trainer"]).model_dump()
+    if "layout" in doc:
+        config["layout"] = dict(doc["layout"])
     return Case(
         name=case, path=path, description=doc["description"], config=config,
-        data={f: arrays[f"data/{f}"] for f in DATA_FIELDS},
+        data={f: arrays[f"data/{f}"] for f in (*DATA_FIELDS, *state_keys(doc["policy"]))},
         weights={k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("weights/")},
         idx=arrays["minibatch/idx"], prio_weights=arrays["minibatch/prio_weights"],
         expected=expected, expected_error=exp.get("error"), phase_counts=dict(exp.get("phase_counts", {})),
@@ -300,7 +397,13 @@ class CaseSpec:
     ``ppo`` holds dotted ``PPOConfig`` overrides; ``trainer`` the ``TrainerConfig`` fields;
     ``logprob_noise`` / ``value_noise`` the spread of the stored log-probs and values around the
     initial policy's (large noise gives ratios far from 1); ``done_prob`` the chance of a terminal
-    flag; ``done_pattern="edges"`` also sets terminals at segment starts, ends and in runs.
+    flag; ``done_pattern="edges"`` also sets terminals at segment starts, ends and in runs,
+    ``"resets"`` terminals and truncations at column 0, mid-row and in runs, and one row without
+    any. ``kind`` ``"lstm"`` / ``"gru"`` makes the policy a ``RecurrentActorCritic`` of
+    ``hidden_size``, ``num_layers`` and ``shared_core`` (``hidden`` is then unused); ``agents > 1``
+    adds ``layout = {"agents": agents}`` and gives all agents of an env group the same flags.
+    ``log_std_mean``: mean of the initial ``log_std`` (continuous actions); a wider Normal keeps
+    the log-probs small, so float32 rounding of them stays far below the tolerances.
     """
 
     name: str
@@ -317,10 +420,17 @@ class CaseSpec:
     value_noise: float = 0.5
     done_prob: float = 0.1
     done_pattern: str | None = None
+    kind: str = "mlp"
+    hidden_size: int = 8
+    num_layers: int = 1
+    shared_core: bool = False
+    agents: int = 1
+    log_std_mean: float = -0.5
     quick: bool = False
 
 
 _SMALL = {"batch_size": 64, "bptt_horizon": 8, "minibatch_size": 16, "update_epochs": 2, "total_timesteps": 640}
+_RECURRENT = {**_SMALL, "minibatch_size": 32}  # 4 of the 8 rows per minibatch: more resets in the one-step check
 
 CASE_SPECS: tuple[CaseSpec, ...] = (
     CaseSpec("defaults_discrete_mlp", "PPOConfig defaults, Categorical, MLP (8, 8), 4 minibatches x 2 epochs",
@@ -371,6 +481,19 @@ CASE_SPECS: tuple[CaseSpec, ...] = (
              "gradient is dropped by the next epoch's zero_grad (SPEC §4.8 counts by mb_idx)", seed=20,
              trainer={"batch_size": 48, "bptt_horizon": 8, "minibatch_size": 32, "max_minibatch_size": 16,
                       "update_epochs": 2, "total_timesteps": 480}),
+    CaseSpec("lstm_discrete_dones_truncations", "LSTM (hidden 8), separate actor/critic trunks, Categorical; "
+             "terminals and truncations at column 0, mid-row and in runs reset the state (SPEC §6)", seed=21,
+             trainer=_RECURRENT, kind="lstm", done_prob=0.05, done_pattern="resets"),
+    CaseSpec("lstm_continuous", "LSTM (hidden 8), separate actor/critic trunks, Normal actions (dim 2), lr 0.003", seed=22,
+             trainer=_RECURRENT, kind="lstm", action={"kind": "continuous", "dim": 2}, log_std_mean=0.3, lr=0.003),
+    CaseSpec("gru_shared_backbone", "GRU (hidden 8), one trunk under both heads (shared_core), Categorical; "
+             "terminals at segment starts, ends, in runs and at every column of one row", seed=23,
+             trainer=_RECURRENT, kind="gru", shared_core=True, done_pattern="edges"),
+    CaseSpec("multi_agent_shared_policy", "2 envs x 4 agents sharing one MLP (8, 8) policy, rows env * 4 + agent "
+             "(16 rows = 2 horizon blocks of 8 agents); all agents of an env end at the same step", seed=24,
+             agents=4, done_prob=0.15,
+             trainer={"batch_size": 128, "bptt_horizon": 8, "minibatch_size": 32, "update_epochs": 2,
+                      "total_timesteps": 1280}),
 )
 """The canonical matrix (``--all``); specs with ``quick=True`` form the default quick run."""
 
@@ -378,11 +501,43 @@ CASE_SPECS: tuple[CaseSpec, ...] = (
 def _spec_config(spec: CaseSpec) -> dict[str, Any]:
     ppo = PPOConfig().update(dict(spec.ppo)).model_dump()
     trainer = TrainerConfig(**spec.trainer).model_dump()
-    policy = {"architecture": "actor_critic_tanh_mlp", "obs_dim": spec.obs_dim, "hidden": list(spec.hidden),
-              "action": dict(spec.action)}
+    if spec.kind == "mlp":  # no "kind" field: the files of the MLP cases predate it
+        policy = {"architecture": ARCHITECTURES["mlp"], "obs_dim": spec.obs_dim, "hidden": list(spec.hidden),
+                  "action": dict(spec.action)}
+    else:
+        policy = {"architecture": ARCHITECTURES[spec.kind], "kind": spec.kind, "obs_dim": spec.obs_dim,
+                  "hidden_size": spec.hidden_size, "num_layers": spec.num_layers, "shared_core": spec.shared_core,
+                  "action": dict(spec.action)}
     optimizer = {"name": "adam", "lr": spec.lr, "betas": [0.9, 0.999], "eps": 1e-12}
-    return {"ppo": ppo, "trainer": trainer, "trainer_epoch": spec.trainer_epoch, "sample_seed": spec.seed,
-            "optimizer": optimizer, "policy": policy}
+    config = {"ppo": ppo, "trainer": trainer, "trainer_epoch": spec.trainer_epoch, "sample_seed": spec.seed,
+              "optimizer": optimizer, "policy": policy}
+    if spec.agents > 1:
+        config["layout"] = {"agents": spec.agents}
+    return config
+
+
+def _flags(spec: CaseSpec, rng: np.random.Generator, st: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(dones, truncateds)`` of ``spec``: random, then its ``done_pattern``; one draw per env group
+    (``spec.agents`` rows) repeated to each of its agents."""
+    groups = (st[0] // spec.agents, st[1])
+    dones = np.repeat((rng.random(groups) < spec.done_prob).astype(np.float32), spec.agents, axis=0)
+    if spec.done_pattern == "edges":
+        dones[0, 0] = dones[1, 1] = dones[2, -1] = 1.0
+        dones[3, 2:6] = 1.0
+        dones[4, :] = 1.0
+    truncateds = np.repeat(rng.random(groups) < 0.1, spec.agents, axis=0)
+    truncateds = (truncateds & (dones == 0)).astype(np.float32)
+    if spec.done_pattern == "resets":  # 8 rows: each reset position once, row 7 never resets
+        dones[0, 0] = dones[1, 3] = dones[2, -1] = 1.0
+        dones[3, 2:6] = 1.0
+        truncateds[0:4] = 0.0
+        truncateds[4, 0] = truncateds[5, 4] = 1.0
+        truncateds[6, 2:5] = 1.0
+        dones[4:6, :2] = 0.0
+        dones[6, 6] = 1.0
+        dones[7] = truncateds[7] = 0.0
+        truncateds *= 1.0 - dones
+    return dones, truncateds
 
 
 def _spec_arrays(spec: CaseSpec, config: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -392,7 +547,7 @@ def _spec_arrays(spec: CaseSpec, config: Mapping[str, Any]) -> dict[str, np.ndar
     weights = {}
     for name, shape in parameter_shapes(policy).items():
         if name == "log_std":
-            weights[name] = rng.normal(-0.5, 0.2, shape).astype(np.float32)
+            weights[name] = rng.normal(spec.log_std_mean, 0.2, shape).astype(np.float32)
         else:
             fan_in = shape[-1] if name.endswith("weight") else 1
             weights[name] = (rng.normal(0.0, 1.0, shape) / math.sqrt(fan_in)).astype(np.float32)
@@ -404,20 +559,24 @@ def _spec_arrays(spec: CaseSpec, config: Mapping[str, Any]) -> dict[str, np.ndar
         actions = rng.integers(0, action["n"], st).astype(np.int64)
     else:
         actions = rng.normal(0.0, 0.8, (*st, action["dim"])).astype(np.float32)
-    flat_actions = torch.from_numpy(actions).reshape(st[0] * st[1], *actions.shape[2:])
+    # random, non-zero stored states at every column: only column 0's may be read (SPEC §6)
+    states = {key: rng.normal(0.0, 0.5, (*st, spec.num_layers, spec.hidden_size)).astype(np.float32)
+              for key in reference.state_keys(policy)}
+    dones, truncateds = _flags(spec, rng, st)
     # in float64, rounded once to float32 below: a float32 matmul rounds differently on different
     # CPUs (BLAS kernels), and the stored data must be the same bytes on every machine
+    params = {k: torch.from_numpy(v).double() for k, v in weights.items()}
     with torch.no_grad():
-        logprob, _, value = reference.policy_forward(
-            {k: torch.from_numpy(v).double() for k, v in weights.items()}, policy,
-            torch.from_numpy(obs).double().reshape(-1, spec.obs_dim),
-            flat_actions if action["kind"] == "discrete" else flat_actions.double())
-    dones = (rng.random(st) < spec.done_prob).astype(np.float32)
-    if spec.done_pattern == "edges":
-        dones[0, 0] = dones[1, 1] = dones[2, -1] = 1.0
-        dones[3, 2:6] = 1.0
-        dones[4, :] = 1.0
-    truncateds = ((rng.random(st) < 0.1) & (dones == 0)).astype(np.float32)
+        if spec.kind == "mlp":
+            flat_actions = torch.from_numpy(actions).reshape(st[0] * st[1], *actions.shape[2:])
+            logprob, _, value = reference.policy_forward(
+                params, policy, torch.from_numpy(obs).double().reshape(-1, spec.obs_dim),
+                flat_actions if action["kind"] == "discrete" else flat_actions.double())
+        else:
+            rows = {k: torch.from_numpy(v) for k, v in {"env_obs": obs, "actions": actions, "dones": dones,
+                                                        "truncateds": truncateds, **states}.items()}
+            rows = {k: v.double() if v.is_floating_point() else v for k, v in rows.items()}
+            logprob, _, value = reference.recurrent_policy_forward(params, policy, rows)
     data = {
         "env_obs": obs,
         "actions": actions,
@@ -426,6 +585,7 @@ def _spec_arrays(spec: CaseSpec, config: Mapping[str, Any]) -> dict[str, np.ndar
         "rewards": rng.normal(size=st).astype(np.float32),
         "dones": dones,
         "truncateds": truncateds,
+        **states,
     }
     out = {f"data/{k}": v for k, v in data.items()}
     out.update({f"weights/{k}": v for k, v in weights.items()})
@@ -434,7 +594,7 @@ def _spec_arrays(spec: CaseSpec, config: Mapping[str, Any]) -> dict[str, np.ndar
 
 def _expected(config: Mapping[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """Run the reference; add the minibatch and expected arrays to ``arrays``; return the JSON block."""
-    data = {f: torch.from_numpy(arrays[f"data/{f}"]) for f in DATA_FIELDS}
+    data = {f: torch.from_numpy(arrays[f"data/{f}"]) for f in (*DATA_FIELDS, *state_keys(config["policy"]))}
     weights = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("weights/")}
     ppo, trainer = config["ppo"], config["trainer"]
     n = reference.sizes(trainer)

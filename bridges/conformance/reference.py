@@ -2,8 +2,10 @@
 
 Nothing here imports ``metta_core`` or a bridge: the expected values stored in the case files
 must not come from the code they check. The policy is evaluated from its weights by a small
-functional forward (the architecture documented in ``golden/README.md``), the advantage is a
-per-element float32 loop, and the training phase is written out step by step.
+functional forward (the architectures documented in ``golden/README.md``: a tanh MLP, or a
+recurrent trunk stepped one row and one column at a time with the LSTM/GRU gate equations
+written out, SPEC §6), the advantage is a per-element float32 loop, and the training phase is
+written out step by step.
 Settings are the plain dicts of a case file (``ppo``, ``trainer``, ``optimizer``, ``policy``).
 
 Conventions (SPEC §1): every data array is ``[segments, horizon]`` (plus feature dims);
@@ -52,7 +54,8 @@ class Measurement:
     weights; ``grads``: d ``loss`` / d parameter at the initial weights; ``params_after_step``:
     parameters after ``zero_grad``, backward, ``clip_grad_norm_(max_grad_norm)`` and one optimizer
     step on that loss; ``phase_stats`` and ``params_after_phase``: after one whole training phase
-    from the initial weights and a fresh optimizer. Parameter names are ``ActorCritic``'s.
+    from the initial weights and a fresh optimizer. Parameter names are ``ActorCritic``'s
+    (``policy.kind`` mlp) or ``RecurrentActorCritic``'s (lstm, gru).
     """
 
     terms: dict[str, float] = field(default_factory=dict)
@@ -76,13 +79,18 @@ def layers_forward(x: Tensor, params: Mapping[str, Tensor], prefix: str) -> Tens
 
 
 def policy_forward(params: Mapping[str, Tensor], policy: Mapping[str, Any], obs: Tensor, actions: Tensor):
-    """``(logprob, entropy, value)`` of ``actions`` under the actor-critic with ``params``; ``[N]`` each.
-
-    Discrete: Categorical over the actor's logits. Continuous: diagonal Normal with mean the
-    actor's output and standard deviation ``exp(log_std)``; log-prob and entropy summed over dims.
-    """
+    """``(logprob, entropy, value)`` of ``actions`` under the MLP actor-critic with ``params``; ``[N]`` each."""
     out = layers_forward(obs, params, "actor")
     value = layers_forward(obs, params, "critic").squeeze(-1)
+    return action_terms(params, policy, out, actions) + (value,)
+
+
+def action_terms(params: Mapping[str, Tensor], policy: Mapping[str, Any], out: Tensor, actions: Tensor):
+    """``(logprob, entropy)`` of ``actions`` given the actor's output ``out`` (``[N, n]`` or ``[N, dim]``).
+
+    Discrete: Categorical over the logits ``out``. Continuous: diagonal Normal with mean ``out`` and
+    standard deviation ``exp(log_std)``; log-prob and entropy summed over dims.
+    """
     if policy["action"]["kind"] == "discrete":
         logp_all = torch.log_softmax(out, dim=-1)
         logprob = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
@@ -93,7 +101,130 @@ def policy_forward(params: Mapping[str, Tensor], policy: Mapping[str, Any], obs:
         log_norm = 0.5 * math.log(2 * math.pi)
         logprob = (-((actions - out) ** 2) / (2 * var) - log_std - log_norm).sum(-1)
         entropy = (0.5 + log_norm + log_std).sum(-1)
-    return logprob, entropy, value
+    return logprob, entropy
+
+
+# -- recurrent policy (SPEC §6) ----------------------------------------------------------------
+
+RECURRENT_KINDS = ("lstm", "gru")
+"""``policy.kind`` values of the recurrent actor-critic; ``"mlp"`` (the default) is the MLP one."""
+
+
+def policy_kind(policy: Mapping[str, Any]) -> str:
+    """``policy.kind`` of a case's policy block: ``"mlp"`` when absent."""
+    return policy.get("kind", "mlp")
+
+
+def trunk_roles(policy: Mapping[str, Any]) -> tuple[str, ...]:
+    """State-key prefix of each recurrent trunk, in parameter order (``trunks.0``, ``trunks.1``):
+    ``("",)`` for one trunk under both heads (``shared_core``), else ``("actor_", "critic_")``."""
+    return ("",) if policy["shared_core"] else ("actor_", "critic_")
+
+
+def state_keys(policy: Mapping[str, Any]) -> tuple[str, ...]:
+    """The stored input state arrays of a policy block, ``data/<key>`` of shape ``[S, T, layers, hidden]``.
+
+    ``()`` for an MLP; ``{role}lstm_h``, ``{role}lstm_c`` (LSTM) or ``{role}gru_h`` (GRU) for each
+    trunk role of ``trunk_roles``: ``actor_lstm_h, actor_lstm_c, critic_lstm_h, critic_lstm_c``
+    with separate trunks, ``lstm_h, lstm_c`` with a shared one.
+    """
+    kind = policy_kind(policy)
+    if kind not in RECURRENT_KINDS:
+        return ()
+    parts = ("h", "c") if kind == "lstm" else ("h",)
+    return tuple(f"{role}{kind}_{part}" for role in trunk_roles(policy) for part in parts)
+
+
+def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor):
+    """One LSTM step of one row (``torch.nn.LSTM``'s equations and gate order i, f, g, o)::
+
+        i = sigmoid(W_ii x + b_ii + W_hi h + b_hi)     f = sigmoid(W_if x + b_if + W_hf h + b_hf)
+        g = tanh(W_ig x + b_ig + W_hg h + b_hg)        o = sigmoid(W_io x + b_io + W_ho h + b_ho)
+        c' = f * c + i * g                             h' = o * tanh(c')
+
+    ``x [in]``, ``h, c [hidden]``; ``W_ih [4 hidden, in]`` stacks ``W_ii, W_if, W_ig, W_io``.
+    Returns ``(h', c')``.
+    """
+    hidden = h.shape[0]
+    gi, gh = w_ih @ x + b_ih, w_hh @ h + b_hh
+    i = torch.sigmoid(gi[:hidden] + gh[:hidden])
+    f = torch.sigmoid(gi[hidden:2 * hidden] + gh[hidden:2 * hidden])
+    g = torch.tanh(gi[2 * hidden:3 * hidden] + gh[2 * hidden:3 * hidden])
+    o = torch.sigmoid(gi[3 * hidden:] + gh[3 * hidden:])
+    c_next = f * c + i * g
+    return o * torch.tanh(c_next), c_next
+
+
+def gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """One GRU step of one row (``torch.nn.GRU``'s equations and gate order r, z, n)::
+
+        r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)     z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+        n = tanh(W_in x + b_in + r * (W_hn h + b_hn))  h' = (1 - z) * n + z * h
+
+    ``x [in]``, ``h [hidden]``; ``W_ih [3 hidden, in]`` stacks ``W_ir, W_iz, W_in``. Returns ``h'``.
+    """
+    hidden = h.shape[0]
+    gi, gh = w_ih @ x + b_ih, w_hh @ h + b_hh
+    r = torch.sigmoid(gi[:hidden] + gh[:hidden])
+    z = torch.sigmoid(gi[hidden:2 * hidden] + gh[hidden:2 * hidden])
+    n = torch.tanh(gi[2 * hidden:] + r * gh[2 * hidden:])
+    return (1 - z) * n + z * h
+
+
+def trunk_row(params: Mapping[str, Tensor], policy: Mapping[str, Any], prefix: str, obs: Tensor, reset: Tensor,
+              stored: list[Tensor]) -> Tensor:
+    """Features ``[T, 2 hidden]`` of one buffer row through trunk ``prefix`` (``"trunks.0"`` ...), SPEC §6.
+
+    ``obs [T, obs_dim]``; ``reset [T]`` (``dones[t] or truncateds[t]``); ``stored``: the stored
+    input state of column 0, one ``[layers, hidden]`` tensor per state part (``h``, and ``c`` for an
+    LSTM). For ``t = 0 .. T-1``: the state is zeroed if ``reset[t]``, then
+    ``e_t = tanh(W_enc obs_t + b_enc)`` goes through the layers of the cell (layer ``l``'s input is
+    layer ``l-1``'s new ``h``), and the feature is ``[e_t, h_t of the last layer]``.
+    """
+    lstm = policy_kind(policy) == "lstm"
+    layers = policy["num_layers"]
+    state = [[part[layer] for layer in range(layers)] for part in stored]  # state[part][layer]: [hidden]
+    features = []
+    for t in range(obs.shape[0]):
+        if bool(reset[t]):
+            state = [[torch.zeros_like(s) for s in part] for part in state]
+        encoded = torch.tanh(params[f"{prefix}.encoder.0.weight"] @ obs[t] + params[f"{prefix}.encoder.0.bias"])
+        x = encoded
+        for layer in range(layers):
+            weights = [params[f"{prefix}.core.{name}_l{layer}"] for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            if lstm:
+                state[0][layer], state[1][layer] = lstm_cell(x, state[0][layer], state[1][layer], *weights)
+            else:
+                state[0][layer] = gru_cell(x, state[0][layer], *weights)
+            x = state[0][layer]
+        features.append(torch.cat([encoded, x]))
+    return torch.stack(features)
+
+
+def recurrent_policy_forward(params: Mapping[str, Tensor], policy: Mapping[str, Any], rows: Mapping[str, Tensor]):
+    """``(logprob, entropy, value)``, each ``[rows, T]``, of the recurrent actor-critic on buffer rows.
+
+    ``rows`` holds ``env_obs``, ``actions``, ``dones``, ``truncateds`` and the ``state_keys`` arrays
+    (``[rows, T, ...]``). Each row is unrolled alone (``trunk_row``) from its stored state of column
+    0; the stored states of later columns are not read. The actor head ``actor.0`` reads trunk 0's
+    features, the critic head ``critic.0`` the last trunk's (the same trunk with ``shared_core``).
+    """
+    keys = state_keys(policy)
+    parts = len(keys) // len(trunk_roles(policy))
+    reset = (rows["dones"] != 0) | (rows["truncateds"] != 0)
+    actor_out, values = [], []
+    for s in range(rows["env_obs"].shape[0]):
+        obs = rows["env_obs"][s].reshape(rows["env_obs"].shape[1], -1)
+        features = [trunk_row(params, policy, f"trunks.{j}", obs, reset[s],
+                              [rows[key][s, 0] for key in keys[j * parts:(j + 1) * parts]])
+                    for j in range(len(trunk_roles(policy)))]
+        actor_out.append(F.linear(features[0], params["actor.0.weight"], params["actor.0.bias"]))
+        values.append(F.linear(features[-1], params["critic.0.weight"], params["critic.0.bias"]).squeeze(-1))
+    out = torch.stack(actor_out)
+    n, horizon = out.shape[:2]
+    actions = rows["actions"].reshape(n * horizon, *rows["actions"].shape[2:])
+    logprob, entropy = action_terms(params, policy, out.reshape(n * horizon, -1), actions)
+    return logprob.reshape(n, horizon), entropy.reshape(n, horizon), torch.stack(values)
 
 
 # -- SPEC §2, §3 -------------------------------------------------------------------------------
@@ -131,9 +262,13 @@ def minibatch_terms(ppo: Mapping[str, Any], params, policy, rows: Mapping[str, T
                     prio_weights: Tensor) -> dict[str, Tensor]:
     """SPEC §4.4-4.6 on ``[mb, horizon]`` rows; ``loss`` carries the graph to ``params``."""
     mb, horizon = rows["values"].shape
-    flat_obs = rows["env_obs"].reshape(mb * horizon, -1)
-    flat_actions = rows["actions"].reshape(mb * horizon, *rows["actions"].shape[2:])
-    logprob, entropy, new_values = (x.reshape(mb, horizon) for x in policy_forward(params, policy, flat_obs, flat_actions))
+    if policy_kind(policy) in RECURRENT_KINDS:
+        logprob, entropy, new_values = recurrent_policy_forward(params, policy, rows)
+    else:
+        flat_obs = rows["env_obs"].reshape(mb * horizon, -1)
+        flat_actions = rows["actions"].reshape(mb * horizon, *rows["actions"].shape[2:])
+        logprob, entropy, new_values = (x.reshape(mb, horizon)
+                                        for x in policy_forward(params, policy, flat_obs, flat_actions))
     return loss_terms(ppo, logprob=logprob, old_logprob=rows["act_log_prob"], entropy=entropy, new_values=new_values,
                       values=rows["values"], rewards=rows["rewards"], dones=rows["dones"], first_adv=first_adv,
                       prio_weights=prio_weights)

@@ -4,8 +4,10 @@ Per (case, framework) the result holds, for each quantity of ``QUANTITIES``, the
 difference to the expected value over all items (terms, stats or parameter entries), and the
 item where it occurs. Status: ``PASS`` (every quantity within ``TOLERANCES``, or the expected
 error was raised), ``FAIL`` (a difference above tolerance, a non-finite or missing item, or no
-error where one was expected) or ``ERROR`` (the case could not be loaded, the bridge is
-unavailable, or the runner raised an unexpected error). Only ``PASS`` counts as a pass.
+error where one was expected), ``ERROR`` (the case could not be loaded, the bridge is
+unavailable, or the runner raised an unexpected error) or ``UNSUPPORTED`` (the runner's
+``unsupported(case)`` capability check says it cannot run this kind of case yet; nothing is
+run). Only ``PASS`` counts as a pass.
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ def run_one(case: Case, framework: str) -> Result:
         runner = load_runner(framework)
     except BridgeUnavailable as exc:
         return Result(case.name, framework, "ERROR", f"error: {exc}")
+    reason = getattr(runner, "unsupported", lambda _: None)(case)
+    if reason:
+        return Result(case.name, framework, "UNSUPPORTED", reason)
     try:
         got = runner.run(case)
     except MettaError as exc:
@@ -140,10 +145,16 @@ def run_cases(paths: Iterable[Path], frameworks: Iterable[str],
 
 
 def summary(results: list[Result]) -> dict[str, int]:
-    counts = {"PASS": 0, "FAIL": 0, "ERROR": 0}
+    counts = {"PASS": 0, "FAIL": 0, "ERROR": 0, "UNSUPPORTED": 0}
     for r in results:
         counts[r.status] += 1
     return {"total": len(results), **counts}
+
+
+def _counts(s: dict[str, int]) -> str:
+    """``"P passed, F failed, E errors[, U not supported yet] of N"``."""
+    unsupported = f", {s['UNSUPPORTED']} not supported yet" if s["UNSUPPORTED"] else ""
+    return f"{s['PASS']} passed, {s['FAIL']} failed, {s['ERROR']} errors{unsupported} of {s['total']}"
 
 
 def _cell(value: float | None) -> str:
@@ -160,7 +171,7 @@ def table(results: list[Result]) -> str:
     notes = [f"{r.case} / {r.framework}: {r.message}" for r in results if r.message and not r.passed]
     tol = ", ".join(f"{HEADERS[q]} {TOLERANCES[q]:g}" for q in QUANTITIES)
     s = summary(results)
-    lines += ["", f"tolerances: {tol}", f"{s['PASS']} passed, {s['FAIL']} failed, {s['ERROR']} errors of {s['total']}"]
+    lines += ["", f"tolerances: {tol}", _counts(s)]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -181,7 +192,7 @@ def markdown(results: list[Result], title: str = "Conformance report") -> str:
                                         f"**{r.status}**" if not r.passed else r.status]) + " |")
     s = summary(results)
     lines += ["", "Tolerances: " + ", ".join(f"{HEADERS[q]} {TOLERANCES[q]:g}" for q in QUANTITIES) + ".",
-              "", f"{s['PASS']} passed, {s['FAIL']} failed, {s['ERROR']} errors of {s['total']}."]
+              "", f"{_counts(s)}."]
     notes = [f"- `{r.case}` / {r.framework}: {r.message}" for r in results if r.message]
     if notes:
         lines += ["", "## Messages", "", *notes]
@@ -192,7 +203,8 @@ def heatmap(results: list[Result], path: Path) -> Path:
     """PNG heatmap of ``log10(max abs diff / tolerance)`` per (case / framework, quantity).
 
     Cells at or below 0 are within tolerance; rows without numbers are grey: ``ERR`` for errors,
-    ``raised`` for a case whose expected error was raised.
+    ``raised`` for a case whose expected error was raised, ``n/s`` for a case the runner does not
+    support yet.
     """
     import matplotlib
 
@@ -214,7 +226,7 @@ def heatmap(results: list[Result], path: Path) -> Path:
             if r.diffs[q] is not None:
                 text = f"{r.diffs[q]:.0e}"
             else:
-                text = {"ERROR": "ERR", "PASS": "raised"}.get(r.status, "-")
+                text = {"ERROR": "ERR", "PASS": "raised", "UNSUPPORTED": "n/s"}.get(r.status, "-")
             ax.text(j, i, text, ha="center", va="center", fontsize=6)
     ax.set_xticks(range(len(QUANTITIES)), [HEADERS[q] for q in QUANTITIES], fontsize=7)
     ax.set_yticks(range(len(results)), labels, fontsize=6)

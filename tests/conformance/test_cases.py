@@ -84,12 +84,42 @@ def test_matrix_covers_the_issue_list():
     assert {1, 2} <= {t["bptt_horizon"] for t in trainer.values()}
     assert any(t["batch_size"] == t["bptt_horizon"] for t in trainer.values())  # a single segment
     assert any(t["minibatch_size"] > t["max_minibatch_size"] for t in trainer.values())  # accumulation
-    kinds = {(c.config["policy"]["action"]["kind"], bool(c.config["policy"]["hidden"])) for c in cases.values()}
+    kinds = {(c.config["policy"]["action"]["kind"], bool(c.config["policy"]["hidden"]))
+             for c in cases.values() if c.policy_kind == "mlp"}
     assert kinds == {("discrete", True), ("discrete", False), ("continuous", True), ("continuous", False)}
     dones = cases["dones_edges_truncations"].data["dones"]
     assert dones[:, 1].any() and dones[:, -1].any() and (dones[:, 1:] * dones[:, :-1]).any()  # starts, ends, runs
     assert any(c.data["truncateds"].any() for c in cases.values())
     assert cases["norm_adv_single_element"].expected_error == "at least 2 elements"
+
+
+def test_matrix_covers_recurrent_and_multi_agent_cases():
+    cases = {c.name: c for c in map(load_case, case_paths())}
+    recurrent = {(c.policy_kind, c.config["policy"]["shared_core"], c.config["policy"]["action"]["kind"])
+                 for c in cases.values() if c.policy_kind != "mlp"}
+    assert {("lstm", False, "discrete"), ("lstm", False, "continuous"), ("gru", True, "discrete")} <= recurrent
+    lstm = cases["lstm_discrete_dones_truncations"]
+    assert lstm.state_keys == ("actor_lstm_h", "actor_lstm_c", "critic_lstm_h", "critic_lstm_c")
+    assert cases["gru_shared_backbone"].state_keys == ("gru_h",)
+    dones, truncateds = lstm.data["dones"], lstm.data["truncateds"]
+    for flags in (dones, truncateds):  # at column 0, mid-row and in runs
+        assert flags[:, 0].any() and flags[:, 1:-1].any() and (flags[:, 1:] * flags[:, :-1]).any()
+    assert not (dones + truncateds).any(axis=1).all()  # and a row that never resets
+    multi = cases["multi_agent_shared_policy"]
+    assert multi.agents == 4 and multi.policy_kind == "mlp"
+    segments = multi.data["values"].shape[0]
+    assert segments % (2 * multi.agents) == 0  # 2 envs x 4 agents per horizon block
+    for key in ("dones", "truncateds"):  # all agents of an env end together
+        groups = multi.data[key].reshape(segments // multi.agents, multi.agents, -1)
+        assert (groups == groups[:, :1]).all() and groups.any()
+
+
+def test_generation_is_deterministic(tmp_path):
+    names = ["lstm_discrete_dones_truncations", "gru_shared_backbone", "multi_agent_shared_policy"]
+    first, second = generate(tmp_path / "a", names), generate(tmp_path / "b", names)
+    for a, b in zip(first, second):
+        for suffix in (".json", ".npz"):
+            assert a.with_suffix(suffix).read_bytes() == b.with_suffix(suffix).read_bytes(), a.name
 
 
 def _rewrite_npz(path, edit):
@@ -120,14 +150,48 @@ BAD_FILES = {
 }
 
 
-@pytest.mark.parametrize("damage", BAD_FILES)
-def test_bad_case_file_names_case_and_field(case_dir, damage):
-    path = copy_case("defaults_discrete_mlp", case_dir)
-    corrupt, field = BAD_FILES[damage]
+def _set_policy(**fields):
+    return lambda p: edit_json(p, lambda d: d["policy"].update(fields))
+
+
+RECURRENT_BAD_FILES = {
+    "unknown policy kind": (_set_policy(kind="transformer"), "policy.kind"),
+    "architecture of another kind": (_set_policy(architecture="actor_critic_tanh_mlp"), "policy.architecture"),
+    "zero hidden_size": (_set_policy(hidden_size=0), "policy.hidden_size"),
+    "fractional num_layers": (_set_policy(num_layers=1.5), "policy.num_layers"),
+    "shared_core not a bool": (_set_policy(shared_core="yes"), "policy.shared_core"),
+    "missing shared_core": (lambda p: edit_json(p, lambda d: d["policy"].pop("shared_core")), "policy.shared_core"),
+    "mlp widths on a recurrent policy": (_set_policy(hidden=[8]), "policy.hidden"),
+    "missing stored state": (lambda p: _rewrite_npz(p.with_suffix(".npz"), lambda a: a.pop("data/critic_lstm_c")),
+                             "data/critic_lstm_c"),
+    "stored state of another size": (
+        lambda p: _rewrite_npz(p.with_suffix(".npz"), lambda a: a.update({"data/actor_lstm_h": a["data/actor_lstm_h"][..., :4]})),
+        "data/actor_lstm_h"),
+    "NaN in a stored state": (
+        lambda p: _rewrite_npz(p.with_suffix(".npz"), lambda a: a["data/actor_lstm_c"].__setitem__((0, 0, 0, 1), np.nan)),
+        "data/actor_lstm_c"),
+    "num_layers not matching the arrays": (_set_policy(num_layers=2), "arrays.data/actor_lstm_h"),
+}
+
+LAYOUT_BAD_FILES = {
+    "agents not dividing the segments": (lambda p: edit_json(p, lambda d: d["layout"].update(agents=3)), "layout.agents"),
+    "zero agents": (lambda p: edit_json(p, lambda d: d["layout"].update(agents=0)), "layout.agents"),
+    "unknown layout field": (lambda p: edit_json(p, lambda d: d["layout"].update(envs=2)), "layout.envs"),
+    "layout not an object": (lambda p: edit_json(p, lambda d: d.update(layout=4)), "layout"),
+    "recurrent fields on an mlp": (_set_policy(hidden_size=8), "policy.hidden_size"),
+}
+
+
+@pytest.mark.parametrize("name, damage", [*(("defaults_discrete_mlp", d) for d in BAD_FILES),
+                                          *(("lstm_discrete_dones_truncations", d) for d in RECURRENT_BAD_FILES),
+                                          *(("multi_agent_shared_policy", d) for d in LAYOUT_BAD_FILES)])
+def test_bad_case_file_names_case_and_field(case_dir, name, damage):
+    path = copy_case(name, case_dir)
+    corrupt, field = {**BAD_FILES, **RECURRENT_BAD_FILES, **LAYOUT_BAD_FILES}[damage]
     corrupt(path)
-    with pytest.raises(CaseError, match="defaults_discrete_mlp") as info:
+    with pytest.raises(CaseError, match=name) as info:
         load_case(path)
-    assert info.value.case == "defaults_discrete_mlp"
+    assert info.value.case == name
     assert info.value.field == field, str(info.value)
     assert field in str(info.value)
 

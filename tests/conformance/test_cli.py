@@ -15,7 +15,7 @@ def test_passing_run_writes_reports_and_exits_0(tmp_path, capsys):
     assert status == 0
     assert "horizon_2" in out and "PASS" in out and "2 passed, 0 failed, 0 errors of 2" in out
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["summary"] == {"total": 2, "PASS": 2, "FAIL": 0, "ERROR": 0}
+    assert report["summary"] == {"total": 2, "PASS": 2, "FAIL": 0, "ERROR": 0, "UNSUPPORTED": 0}
     assert "| horizon_2 | core |" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -37,6 +37,16 @@ def test_failure_or_error_exits_nonzero(tmp_path, capsys):
     assert rows["horizon_1"]["status"] == "FAIL" and "value_loss" in rows["horizon_1"]["message"]
     assert rows["single_segment"]["status"] == "ERROR" and "'npz'" in rows["single_segment"]["message"]
     assert "1 passed, 1 failed, 1 errors of 3" in out
+
+
+def test_unsupported_case_is_reported_and_exits_nonzero(tmp_path, capsys):
+    status = main(["conformance", "--case", "gru_shared_backbone", "--framework", "core", "--framework", "torchrl",
+                   "--out-dir", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "1 passed, 0 failed, 0 errors, 1 not supported yet of 2" in out
+    assert "gru_shared_backbone / torchrl: recurrent policies (policy.kind 'gru', SPEC §6) not supported" in out
+    assert "| gru_shared_backbone | torchrl | - | - | - | - | - | **UNSUPPORTED** |" in (tmp_path / "report.md").read_text()
 
 
 def test_empty_case_directory_is_a_usage_error(tmp_path, capsys):

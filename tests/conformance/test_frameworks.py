@@ -14,6 +14,16 @@ from bridges.conformance.runners import FRAMEWORKS
 ALL = [p.stem for p in case_paths()]
 QUICK = quick_names()
 
+_RECURRENT = ("lstm_discrete_dones_truncations", "lstm_continuous", "gru_shared_backbone")
+PENDING = {
+    **{("torchrl", name): "recurrent policies (issue 12, rec-torchrl)" for name in _RECURRENT},
+    **{("rllib", name): "stateful RLModules (issue 12, rec-rllib)" for name in _RECURRENT},
+    ("torchrl", "multi_agent_shared_policy"): "the multi-agent group layout (issue 13, ma-torchrl)",
+    ("rllib", "multi_agent_shared_policy"): "per-agent episodes as rows (issue 13, ma-rllib)",
+}
+"""(framework, case) pairs whose runner reports UNSUPPORTED until the framework's support lands;
+remove a pair here when its runner's ``unsupported(case)`` stops naming the case."""
+
 
 def _available(framework: str) -> bool:
     try:
@@ -26,6 +36,8 @@ def _available(framework: str) -> bool:
 def _check(name: str, framework: str) -> None:
     if not _available(framework):
         pytest.skip(f"{framework}: bridge unavailable")
+    if (framework, name) in PENDING:
+        pytest.skip(f"{framework}: {name} not supported by this runner yet: {PENDING[framework, name]}")
     result = run_one(load_case(CASES_DIR / f"{name}.json"), framework)
     assert result.status == "PASS", result.message
     for quantity, diff in result.diffs.items():
@@ -43,6 +55,15 @@ def test_quick_case(name, framework):
 @pytest.mark.parametrize("name", sorted(set(ALL) - set(QUICK)))
 def test_every_case(name, framework):
     _check(name, framework)
+
+
+@pytest.mark.parametrize("framework, name", sorted(PENDING))
+def test_pending_pairs_report_unsupported_not_a_crash_or_a_pass(framework, name):
+    if not _available(framework):
+        pytest.skip(f"{framework}: bridge unavailable")
+    result = run_one(load_case(CASES_DIR / f"{name}.json"), framework)
+    assert result.status == "UNSUPPORTED" and not result.passed, result.message
+    assert "not supported by this runner yet" in result.message
 
 
 def test_expected_error_passes_only_when_raised():

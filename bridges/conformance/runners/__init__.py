@@ -1,9 +1,12 @@
 """Framework runners: each module runs a ``Case`` through one framework and returns a ``Measurement``.
 
 A runner module (``core``, ``torchrl``, ``rllib``) exposes ``run(case) -> Measurement``; it only
-adapts the case to its framework's API and calls the framework's bridge. The helpers here are the
-parts every runner shares: the case's gym spaces, an ``ActorCritic`` with the case's weights,
-the case's optimizer, and the one-step procedure of SPEC §4.8.
+adapts the case to its framework's API and calls the framework's bridge. A runner that cannot run
+every kind of case yet also exposes ``unsupported(case) -> str | None``: the reason it cannot run
+``case`` (reported as ``UNSUPPORTED``, neither a pass nor a crash), or None. The helpers here are
+the parts every runner shares: the case's gym spaces, an ``ActorCritic`` or
+``RecurrentActorCritic`` with the case's weights, the case's optimizer, and the one-step
+procedure of SPEC §4.8.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from metta_core.errors import MettaError
 from metta_core.policy import ActorCritic
+from metta_core.recurrent_policy import RecurrentActorCritic
 
 from bridges.conformance.cases import Case
 from bridges.conformance.reference import Measurement
@@ -28,6 +32,19 @@ FRAMEWORKS = ("core", "torchrl", "rllib")
 
 class BridgeUnavailable(MettaError):
     """A framework's runner cannot be imported (the framework or its bridge is missing or broken)."""
+
+
+def unsupported_features(case: Case, recurrent: bool, multi_agent: bool) -> str | None:
+    """The capability check of a runner that supports recurrent policies (``recurrent``) and the
+    multi-agent layout (``multi_agent``) or not: why it cannot run ``case`` yet, or None."""
+    reasons = []
+    if case.policy_kind != "mlp" and not recurrent:
+        reasons.append(f"recurrent policies (policy.kind {case.policy_kind!r}, SPEC §6)")
+    if case.agents > 1 and not multi_agent:
+        reasons.append(f"the multi-agent layout (layout.agents = {case.agents}, rows env * agents + agent)")
+    if not reasons:
+        return None
+    return " and ".join(reasons) + " not supported by this runner yet"
 
 
 def load_runner(framework: str) -> ModuleType:
@@ -55,6 +72,22 @@ def actor_critic(case: Case) -> ActorCritic:
     policy = ActorCritic(*spaces(case), hidden=tuple(case.config["policy"]["hidden"]))
     policy.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in case.weights.items()}, strict=True)
     return policy
+
+
+def recurrent_actor_critic(case: Case) -> RecurrentActorCritic:
+    """``RecurrentActorCritic`` of a recurrent case (``policy.kind`` lstm/gru, ``hidden_size``,
+    ``num_layers``, ``shared_core``) with its initial weights (names must match exactly)."""
+    pol = case.config["policy"]
+    policy = RecurrentActorCritic(*spaces(case), hidden_size=pol["hidden_size"], num_layers=pol["num_layers"],
+                                  cell=pol["kind"], shared_core=pol["shared_core"])
+    policy.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in case.weights.items()}, strict=True)
+    return policy
+
+
+def case_policy(case: Case) -> ActorCritic | RecurrentActorCritic:
+    """The case's policy with its initial weights: ``ActorCritic`` for ``policy.kind`` mlp, else
+    ``RecurrentActorCritic``."""
+    return actor_critic(case) if case.policy_kind == "mlp" else recurrent_actor_critic(case)
 
 
 def optimizer(case: Case, params: Iterable[torch.nn.Parameter]) -> torch.optim.Adam:
@@ -86,5 +119,5 @@ def one_step(loss: torch.Tensor, named_params: list[tuple[str, torch.nn.Paramete
     return grads, snapshot(named_params, prefix)
 
 
-__all__ = ["FRAMEWORKS", "BridgeUnavailable", "Measurement", "actor_critic", "load_runner", "one_step", "optimizer",
-           "snapshot", "spaces"]
+__all__ = ["FRAMEWORKS", "BridgeUnavailable", "Measurement", "actor_critic", "case_policy", "load_runner", "one_step",
+           "optimizer", "recurrent_actor_critic", "snapshot", "spaces", "unsupported_features"]

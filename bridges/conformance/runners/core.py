@@ -1,4 +1,9 @@
-"""Core runner: ``metta_core`` directly (``ppo_minibatch_loss``; ``PPO`` + ``CoreTrainingLoop`` for the phase)."""
+"""Core runner: ``metta_core`` directly (``ppo_minibatch_loss``; ``PPO`` + ``CoreTrainingLoop`` for the phase).
+
+Runs every kind of case: MLP cases through ``ActorCritic`` on the flattened rows, recurrent ones
+through ``RecurrentActorCritic`` on whole ``[rows, horizon]`` rows with their stored states (SPEC
+§6), and multi-agent cases like any other: agents are already rows (``layout.agents``, SPEC §1).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,18 @@ from metta_core.loop import ComponentContext, CoreTrainingLoop
 
 from bridges.conformance.cases import DATA_FIELDS, Case
 from bridges.conformance.reference import PHASE_STAT_NAMES, Measurement
-from bridges.conformance.runners import actor_critic, one_step, optimizer, snapshot, spaces
+from bridges.conformance.runners import case_policy, one_step, optimizer, snapshot, spaces
+
+
+def _forward(policy, case: Case, rows: dict[str, torch.Tensor]) -> TensorDict:
+    """The policy's outputs on ``[mb, horizon]`` rows: flattened for an MLP, whole rows (with the
+    reset flags and stored states) for a recurrent policy."""
+    mb, horizon = rows["values"].shape
+    if case.policy_kind == "mlp":
+        flat = TensorDict({"env_obs": rows["env_obs"].reshape(mb * horizon, -1)}, batch_size=[mb * horizon])
+        return policy(flat, action=rows["actions"].reshape(mb * horizon, *rows["actions"].shape[2:]))
+    fields = policy.get_agent_experience_spec().fields
+    return policy(TensorDict({k: rows[k] for k in fields}, batch_size=[mb, horizon]), action=rows["actions"])
 
 
 def run(case: Case) -> Measurement:
@@ -25,14 +41,13 @@ def run(case: Case) -> Measurement:
     idx = torch.from_numpy(case.idx)
     mb, horizon = len(idx), trainer.bptt_horizon
 
-    policy = actor_critic(case)
+    policy = case_policy(case)
     first_adv = compute_advantage(
         data["values"], data["rewards"], data["dones"], torch.ones_like(data["values"]),
         gamma=ppo.gamma, gae_lambda=ppo.gae_lambda, rho_clip=ppo.vtrace.rho_clip, c_clip=ppo.vtrace.c_clip,
     )
     rows = {k: v[idx] for k, v in data.items()}
-    flat = TensorDict({"env_obs": rows["env_obs"].reshape(mb * horizon, -1)}, batch_size=[mb * horizon])
-    out = policy(flat, action=rows["actions"].reshape(mb * horizon, *rows["actions"].shape[2:]))
+    out = _forward(policy, case, rows)
     terms = ppo_minibatch_loss(
         ppo, old_logprob=rows["act_log_prob"], new_logprob=out["act_log_prob"].reshape(mb, horizon),
         entropy=out["entropy"].reshape(mb, horizon), new_values=out["values"].reshape(mb, horizon),
@@ -42,14 +57,14 @@ def run(case: Case) -> Measurement:
     grads, after_step = one_step(terms.loss, list(policy.named_parameters()),
                                  [optimizer(case, policy.parameters())], ppo.max_grad_norm)
 
-    policy = actor_critic(case)
+    policy = case_policy(case)
     opt = optimizer(case, policy.parameters())
     obs_space, action_space = spaces(case)
     env = SimpleNamespace(single_observation_space=obs_space, single_action_space=action_space)
     loss = PPO(policy, trainer, env, "cpu", "ppo", ppo, torch.Generator().manual_seed(case.config["sample_seed"]))
     spec = policy.get_agent_experience_spec().merge(loss.get_experience_spec())
     experience = Experience(1, trainer.batch_size, horizon, trainer.minibatch_size, trainer.max_minibatch_size, spec)
-    for name in DATA_FIELDS:
+    for name in (*DATA_FIELDS, *case.state_keys):
         experience.buffer[name] = data[name]
     context = ComponentContext(policy=policy, experience=experience, optimizer=opt, config=trainer,
                                epoch=case.config["trainer_epoch"])

@@ -28,7 +28,7 @@ from metta_core.config import ADAM_EPS
 
 from bridges.conformance.cases import Case
 from bridges.conformance.reference import PHASE_STAT_NAMES, Measurement
-from bridges.conformance.runners import one_step, snapshot, spaces
+from bridges.conformance.runners import one_step, snapshot, spaces, unsupported_features
 
 RLLIB_BETAS = (0.9, 0.999)
 """Adam betas of ``MettaPPOLearner`` (torch defaults; not configurable through RLlib's config)."""
@@ -38,6 +38,11 @@ STAT_KEYS = {"value_loss": "vf_loss"}
 
 PREFIX = "net."
 """Prefix of the ``ActorCritic`` parameter names inside ``ActorCriticModule``."""
+
+
+def unsupported(case: Case) -> str | None:
+    """Why this runner cannot run ``case`` yet (stateful modules, per-agent episodes), or None."""
+    return unsupported_features(case, recurrent=False, multi_agent=False)
 
 
 class ActorCriticModule(TorchRLModule, ValueFunctionAPI):

@@ -18,12 +18,17 @@ from bridges.torchrl import MettaPPOLoss, MettaPPOPhase, MettaSegmentSampler
 
 from bridges.conformance.cases import Case
 from bridges.conformance.reference import PHASE_STAT_NAMES, Measurement
-from bridges.conformance.runners import actor_critic, one_step, optimizer, snapshot
+from bridges.conformance.runners import actor_critic, one_step, optimizer, snapshot, unsupported_features
 
 UNUSED_LAST_REWARD = 123.0
 """Reward placed after the last action of every row; Metta never reads it (SPEC §1)."""
 
 LOSS_KEYS = ("loss_objective", "loss_critic", "loss_entropy")
+
+
+def unsupported(case: Case) -> str | None:
+    """Why this runner cannot run ``case`` yet (recurrent policies, the multi-agent group layout), or None."""
+    return unsupported_features(case, recurrent=False, multi_agent=False)
 
 
 class _NormalHead(nn.Module):
