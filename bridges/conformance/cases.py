@@ -528,6 +528,8 @@ def _flags(spec: CaseSpec, rng: np.random.Generator, st: tuple[int, int]) -> tup
     truncateds = np.repeat(rng.random(groups) < 0.1, spec.agents, axis=0)
     truncateds = (truncateds & (dones == 0)).astype(np.float32)
     if spec.done_pattern == "resets":  # 8 rows: each reset position once, row 7 never resets
+        if st[0] != 8:
+            raise MettaError(f"case spec {spec.name!r}: done_pattern 'resets' is written for 8 segments, got {st[0]}")
         dones[0, 0] = dones[1, 3] = dones[2, -1] = 1.0
         dones[3, 2:6] = 1.0
         truncateds[0:4] = 0.0

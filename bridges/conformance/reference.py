@@ -1,4 +1,4 @@
-"""A slow, separate re-statement of SPEC §1-§4 that produces the conformance expected values.
+"""A slow, separate re-statement of SPEC §1-§4 and §6 that produces the conformance expected values.
 
 Nothing here imports ``metta_core`` or a bridge: the expected values stored in the case files
 must not come from the code they check. The policy is evaluated from its weights by a small

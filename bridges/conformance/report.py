@@ -184,7 +184,7 @@ def markdown(results: list[Result], title: str = "Conformance report") -> str:
     head = ["case", "framework", *(HEADERS[q] for q in QUANTITIES), "status"]
     lines = [f"# {title}", "",
              "Max absolute difference to the expected values of `bridges.conformance.reference` "
-             "(SPEC §1-§4), per case and framework. Regenerate with "
+             "(SPEC §1-§4, §6), per case and framework. Regenerate with "
              "`metta-bridges conformance --all --markdown docs/conformance.md`.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -193,6 +193,13 @@ def markdown(results: list[Result], title: str = "Conformance report") -> str:
     s = summary(results)
     lines += ["", "Tolerances: " + ", ".join(f"{HEADERS[q]} {TOLERANCES[q]:g}" for q in QUANTITIES) + ".",
               "", f"{_counts(s)}."]
+    pending: dict[str, list[str]] = {}
+    for r in results:
+        if r.status == "UNSUPPORTED":
+            pending.setdefault(r.framework, []).append(f"`{r.case}`")
+    if pending:
+        lines += ["", "Not supported by the framework's runner yet (pending): "
+                  + "; ".join(f"{framework}: {', '.join(names)}" for framework, names in pending.items()) + "."]
     notes = [f"- `{r.case}` / {r.framework}: {r.message}" for r in results if r.message]
     if notes:
         lines += ["", "## Messages", "", *notes]

@@ -66,6 +66,18 @@ def test_pending_pairs_report_unsupported_not_a_crash_or_a_pass(framework, name)
     assert "not supported by this runner yet" in result.message
 
 
+def test_multi_agent_rows_folded_agent_major_fail():
+    """The multi-agent case is sharp about the row order: agents folded into rows as
+    ``agent * groups + env`` instead of ``env * agents + agent`` give other numbers."""
+    case = load_case(CASES_DIR / "multi_agent_shared_policy.json")
+    assert run_one(case, "core").status == "PASS"
+    groups = case.data["values"].shape[0] // case.agents
+    agent_major = [g * case.agents + a for a in range(case.agents) for g in range(groups)]
+    case.data = {k: v[agent_major] for k, v in case.data.items()}
+    result = run_one(case, "core")
+    assert result.status == "FAIL" and result.diffs["terms"] > 1e-3, result.diffs
+
+
 def test_expected_error_passes_only_when_raised():
     case = load_case(CASES_DIR / "norm_adv_single_element.json")
     result = run_one(case, "core")
