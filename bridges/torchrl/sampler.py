@@ -10,7 +10,7 @@ from tensordict import TensorDictBase
 from metta_core.errors import MettaError, require_positive_ints
 from metta_core.phase import MinibatchSchedule, PhaseSizes
 
-from bridges.torchrl.layout import check_batch_time, read_bt
+from bridges.torchrl.layout import as_rows, read_bt
 from bridges.torchrl.loss import MettaPPOLoss
 
 
@@ -69,7 +69,7 @@ class MettaSegmentSampler:
 
     def start_phase(self, batch: TensorDictBase, *, epoch: int, accumulate_minibatches: int = 1) -> PhaseSizes:
         """Check ``batch`` (``[B, T]``), clear the loss's phase stats, and return the phase's sizes."""
-        check_batch_time(batch, type(self).__name__)
+        batch = as_rows(batch, type(self).__name__)  # TorchRL's agent groups folded into rows
         num_minibatches = self.num_minibatches(batch.batch_size[0])
         self._schedule = MinibatchSchedule(
             minibatch_segments=self.minibatch_segments,
