@@ -129,3 +129,49 @@ def test_cli_trains_mettagrid_with_torchrl_and_plots_reward_per_agent_step(tmp_p
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["env_steps"] for r in rows] == [512, 1024] and all("reward_per_agent_step" in r for r in rows)
     assert (tmp_path / "learning_curve.png").stat().st_size > 1000
+
+
+def test_a_pettingzoo_pipeline_trains_in_the_group_layout_without_restructuring():
+    """mettagrid's own PettingZoo env through TorchRL's PettingZooWrapper (group "agents", [T, agents]
+    entries) -> Collector -> rows of whole steps -> MettaPPOPhase: the loss and sampler fold the agents."""
+    from tensordict.nn import TensorDictModule, TensorDictSequential
+    from torch import nn
+    from torchrl.envs import PettingZooWrapper
+    from torchrl.modules import ProbabilisticActor, ValueOperator
+    from mettagrid.envs.pettingzoo_env import MettaGridPettingZooEnv
+    from mettagrid.simulator.simulator import Simulator
+
+    from bridges.torchrl import MettaPPOLoss, MettaPPOPhase, MettaSegmentSampler
+
+    class Tokens(nn.Module):
+        def __init__(self, n_out: int) -> None:
+            super().__init__()
+            self.linear = nn.Linear(500 * 3, n_out)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.linear(tokens.flatten(-2).float() / 255)
+
+    torch.manual_seed(0)
+    pz = MettaGridPettingZooEnv(Simulator(), arena_config(SHORT))
+    env = PettingZooWrapper(pz, group_map={"agents": list(pz.possible_agents)}, use_mask=False, categorical_actions=True)
+    actor = ProbabilisticActor(
+        TensorDictModule(Tokens(5), in_keys=[("agents", "observation")], out_keys=[("agents", "logits")]),
+        in_keys=[("agents", "logits")], out_keys=[("agents", "action")],
+        distribution_class=torch.distributions.Categorical, return_log_prob=True,
+    )
+    critic = ValueOperator(Tokens(1), in_keys=[("agents", "observation")], out_keys=[("agents", "state_value")])
+    collector = Collector(env, TensorDictSequential(actor, critic), frames_per_batch=16, total_frames=-1,
+                          auto_register_policy_transforms=False)
+    data = next(iter(collector))
+    collector.shutdown()
+    assert data.batch_size == (16,) and data["agents"].batch_size == (16, 4)
+    loss = MettaPPOLoss(actor, critic)
+    loss.set_keys(reward=("agents", "reward"), terminated=("agents", "terminated"), done=("agents", "done"),
+                  value=("agents", "state_value"))
+    before = [p.detach().clone() for p in loss.parameters()]
+    sampler = MettaSegmentSampler(loss, minibatch_segments=4, total_timesteps=1000,
+                                  generator=torch.Generator().manual_seed(0))
+    phase = MettaPPOPhase(loss, torch.optim.Adam(loss.parameters(), lr=1e-3), sampler)
+    stats = phase(data.reshape(-1, 8), epoch=0)  # [2, 8] rows of steps, 4 agents each -> 8 rows
+    assert np.isfinite(stats["policy_loss"]) and phase.epochs_trained == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, loss.parameters()))
