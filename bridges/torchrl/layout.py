@@ -77,7 +77,7 @@ def check_batch_time(td: TensorDictBase, who: str, *, groups_allowed: bool = Fal
         raise MettaError(
             f"{who}: the batch holds agent groups ({_describe(agent_groups(td))}) of TorchRL's multi-agent layout "
             f"[B, T, agents]; this call reads rows [B, T]: fold them first with "
-            f"bridges.torchrl.layout.as_rows(td, who) (MettaPPOLoss and MettaSegmentSampler do it themselves)"
+            f"bridges.torchrl.as_rows(td, who) (MettaPPOLoss and MettaSegmentSampler do it themselves)"
         )
     mask = td.get(COLLECTOR_MASK, None)
     if mask is not None and not bool(mask.all()):

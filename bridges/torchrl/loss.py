@@ -147,6 +147,8 @@ class MettaPPOLoss(LossModule):
     Without ``advantage`` the value estimator computes it (and fills a missing ``value`` from the
     critic); with ``advantage`` and no ``value``, a ``KeyError`` (:class:`MissingEntryError`).
     Or keyword tensors (``loss(observation=..., next_reward=...)``): the ``out_keys`` as a tuple.
+    A batch in TorchRL's multi-agent group layout (``("agents", key)`` entries of batch
+    ``[B, T, agents]``) is folded into rows ``b * agents + a`` first (``layout.as_rows``).
 
     Per call (SPEC §1, §4.4-4.6), with Metta's ``rewards[:, t+1] = ("next", reward)[:, t]`` and
     ``dones[:, t+1] = ("next", terminated)[:, t]``:

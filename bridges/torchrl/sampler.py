@@ -27,7 +27,8 @@ class MettaSegmentSampler:
                 idx, prio_w = schedule.draw()                               # SPEC §4.3
                 yield mb_idx, batch[idx] with advantage = A0[idx], priority_weight = prio_w
 
-    ``phase`` is that loop as a generator; ``start_phase`` + ``minibatch`` are its steps, for
+    A batch in TorchRL's multi-agent group layout is folded into agent rows first (``layout.as_rows``),
+    so ``B`` counts agent-rows. ``phase`` is that loop as a generator; ``start_phase`` + ``minibatch`` are its steps, for
     drivers such as ``MettaPPOPhase``. Starting a phase clears the loss's phase stats and sets
     ``loss.anneal_beta``; each first pass records ``explained_variance(A0, values)`` on them.
     With a seeded ``generator`` the draws are reproducible; ``state_dict`` holds its state.
