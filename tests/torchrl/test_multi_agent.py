@@ -182,3 +182,19 @@ def test_a_fold_keeps_the_time_dim_name(batches):
     _, (_, _, group) = batches
     group.names = [None, "time"]
     assert as_rows(group, "test").names == [None, "time"]
+
+
+def test_the_conformance_runner_feeds_the_multi_agent_case_in_the_group_layout():
+    """The case's rows e * 4 + a reach the loss as ("agents", key) entries [envs, horizon, 4] and fold back."""
+    from bridges.conformance.cases import CASES_DIR, load_case
+    from bridges.conformance.runners import torchrl as runner
+
+    case = load_case(CASES_DIR / "multi_agent_shared_policy.json")
+    loss, _ = runner._loss(case)
+    batch = runner._batch(case, loss)
+    segments, horizon = case.tensors()["values"].shape
+    assert batch.batch_size == (segments // 4, horizon) and batch["agents"].batch_size == (segments // 4, horizon, 4)
+    assert "observation" not in batch.keys() and ("next", "terminated") in batch.keys(True)
+    rows = as_rows(batch, "test")
+    assert torch.equal(rows["agents", "observation"], case.tensors()["env_obs"])
+    assert torch.equal(rows["agents", "state_value"][..., 0], case.tensors()["values"])
