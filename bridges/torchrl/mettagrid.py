@@ -80,12 +80,8 @@ class MettaGridEnv(EnvBase):
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs: Any) -> TensorDictBase:
         """The current observations: finished arenas were already replaced in the step that ended them."""
-        obs, _, terminated, _ = self._observations()
-        false = torch.zeros_like(terminated)
-        return TensorDict(
-            {"observation": obs, "done": false, "terminated": false.clone(), "truncated": false.clone()},
-            batch_size=self.batch_size,
-        )
+        flags = {name: torch.zeros(*self.batch_size, 1, dtype=torch.bool) for name in ("done", "terminated", "truncated")}
+        return TensorDict({"observation": self._observations()[0], **flags}, batch_size=self.batch_size)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         self.environment.send_actions(tensordict.get("action").numpy())
@@ -120,27 +116,21 @@ class GridEncoder(nn.Module):
 
 def grid_actor_critic(
     observation_shape: tuple[int, int, int], n_actions: int, feature_scale: np.ndarray | None,
-    *, observation_key: Any = "observation", action_spec: Any = None,
+    *, action_spec: Any = None,
 ) -> tuple[ProbabilisticActor, ValueOperator]:
     """GridCNN (its architecture and init, drawn from the torch RNG as the core draws it) as a
-    Categorical ``ProbabilisticActor`` and a ``ValueOperator`` sharing the trunk: the actor writes
-    ``hidden`` and ``logits``, the critic reads ``hidden`` (one trunk pass for both, and both
-    losses reach the trunk, as in the core's ``GridCNN``)."""
+    Categorical ``ProbabilisticActor`` and a ``ValueOperator`` sharing the trunk: the actor reads
+    ``observation`` and writes ``hidden``, ``logits``, ``action``; the critic reads ``hidden`` and
+    writes ``state_value`` (one trunk pass for both, and both losses reach the trunk, as in the
+    core's ``GridCNN``). ``action_spec``: the env's, e.g. ``env.full_action_spec``."""
     import gymnasium as gym
 
     cnn = GridCNN(gym.spaces.Box(0, 255, observation_shape, np.uint8), gym.spaces.Discrete(n_actions), feature_scale)
-    hidden_key = _beside(observation_key, HIDDEN_KEY)
-    trunk = TensorDictModule(GridEncoder(cnn), in_keys=[observation_key], out_keys=[hidden_key])
-    logits = TensorDictModule(cnn.actor, in_keys=[hidden_key], out_keys=[_beside(observation_key, "logits")])
+    trunk = TensorDictModule(GridEncoder(cnn), in_keys=["observation"], out_keys=[HIDDEN_KEY])
+    logits = TensorDictModule(cnn.actor, in_keys=[HIDDEN_KEY], out_keys=["logits"])
     actor = ProbabilisticActor(
-        TensorDictSequential(trunk, logits), in_keys=[_beside(observation_key, "logits")], spec=action_spec,
+        TensorDictSequential(trunk, logits), in_keys=["logits"], spec=action_spec,
         distribution_class=torch.distributions.Categorical, return_log_prob=True,
-        out_keys=[_beside(observation_key, "action")],
     )
-    critic = ValueOperator(cnn.critic, in_keys=[hidden_key], out_keys=[_beside(observation_key, "state_value")])
+    critic = ValueOperator(cnn.critic, in_keys=[HIDDEN_KEY])
     return actor, critic
-
-
-def _beside(key: Any, name: str) -> Any:
-    """``name`` in the same group as ``key``: ``("agents", "observation") -> ("agents", name)``."""
-    return (*key[:-1], name) if isinstance(key, tuple) else name
