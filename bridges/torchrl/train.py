@@ -46,7 +46,7 @@ from metta_core.runlog import REWARD_RATE_KEY, RETURN_KEY
 
 from bridges.torchrl.layout import TIME_DIM_NAME
 from bridges.torchrl.loss import MettaPPOLoss
-from bridges.torchrl.mettagrid import MettaGridEnv, grid_actor_critic
+from bridges.torchrl.mettagrid import HIDDEN_KEY, MettaGridEnv, grid_actor_critic
 from bridges.torchrl.phase import LOSS_PREFIX, MettaPPOPhase
 from bridges.torchrl.sampler import MettaSegmentSampler
 
@@ -102,6 +102,11 @@ def native_clip_ppo(actor: ProbabilisticActor, critic: ValueOperator, args: Trai
     )
     loss.make_value_estimator(GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic))
     return loss
+
+
+UNREAD_GRID_ENTRIES = (("next", "observation"), HIDDEN_KEY, "logits")
+"""MettaGrid batch entries Metta's loss never reads: the next grid (as large as the observation; only
+TorchRL's own estimators read it) and the collection-time trunk output and logits (recomputed)."""
 
 
 def make_mettagrid_env(env_id: str, num_envs: int, seed: int) -> MettaGridEnv:
@@ -199,6 +204,8 @@ class TorchRLRun:
         }
 
     def _train_metta(self, data: TensorDictBase) -> dict[str, float]:
+        if self.mettagrid:  # entries the loss does not read, which every minibatch would otherwise copy
+            data = data.exclude(*UNREAD_GRID_ENTRIES)
         rows = data.reshape(-1, self.args.bptt_horizon)  # each env's steps cut into consecutive rows
         rows.names = [None, TIME_DIM_NAME]
         return self.train_phase(rows, epoch=self.epoch)
