@@ -14,6 +14,11 @@ carried tensordict (current observations and running episode returns). A resumed
 ``trust_checkpoint`` therefore continues exactly like the uninterrupted one (tested bit for bit),
 relying on one private TorchRL attribute, ``Collector._carrier``, as TorchRL 0.14 has no public way
 to restore it; without it the episodes restart.
+
+MettaGrid presets (``mettagrid:arena-8``) run as ``bridges.torchrl.mettagrid.MettaGridEnv`` (a batch
+row per agent) with GridCNN's architecture and init; their checkpoints hold the adapter's episode-seed
+generator instead of the simulators (which cannot be pickled): a resumed run starts fresh episodes,
+as the core's does.
 """
 
 from __future__ import annotations
