@@ -1,11 +1,11 @@
-"""Throughput on a MettaGrid arena: raw random stepping, a plain PyTorch PPO loop, the core trainer.
+"""Throughput on a MettaGrid arena: raw random stepping, a plain PyTorch PPO loop, the core trainer, TorchRL.
 
     python -m benchmarks.mettagrid_throughput [--env mettagrid:arena-24] [--num-envs 2]
                                               [--iterations 2] [--repeats 3] [--json runs/mg_throughput.json]
 
 Agent-steps per second of wall time and per CPU-second of this process (``time.process_time``,
 which other processes' load disturbs less), median over ``--repeats`` rounds that run the three
-in turn:
+in turn (four, each with its own env):
 
 * ``random``: ``MettaGridEnvironment`` stepped with uniform random actions (no policy), the
   ceiling of any trainer on this env;
@@ -13,15 +13,20 @@ in turn:
   and a CleanRL-style PPO phase (GAE, clipped surrogate, value and entropy terms, same epochs,
   minibatch size, Adam and gradient clip) written as one plain function, no ``Experience``,
   ``Loss`` or ``TensorDict`` plumbing;
-* ``core``: ``CoreRun.iteration`` (``CoreTrainingLoop`` + ``PPO``) with the same sizes and network.
+* ``core``: ``CoreRun.iteration`` (``CoreTrainingLoop`` + ``PPO``) with the same sizes and network;
+* ``torchrl``: ``TorchRLRun.iteration`` (``MettaGridEnv`` + ``Collector`` + ``MettaPPOPhase``) with
+  the same network; its batch is the smallest multiple of both ``rows x horizon`` and the minibatch
+  size that is >= ``BATCH`` (TorchRL rows are whole: 6144 on arena-24 with 2 envs), the same
+  minibatch size and epochs.
 
-The issue-13 goal is core >= 0.7x the plain loop. No assertion: read the table.
+The issue-13 goal is core and bridges >= 0.7x the plain loop. No assertion: read the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +40,7 @@ from metta_core.cnn_policy import GridCNN
 from metta_core.config import ADAM_EPS, PPOConfig
 from metta_core.envs import make_training_env
 from metta_core.run import CoreRun, TrainArgs
+from bridges.torchrl.train import TorchRLRun
 
 BATCH, HORIZON, MINIBATCH, EPOCHS = 4096, 32, 1024, 2
 
@@ -115,23 +121,30 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     core = CoreRun(TrainArgs(env=args.env, num_envs=args.num_envs, batch_size=BATCH, bptt_horizon=HORIZON,
                              minibatch_size=MINIBATCH, update_epochs=EPOCHS, progress=False))
+    block = math.lcm(core.env.num_agents * HORIZON, MINIBATCH)  # TorchRL rows are whole, minibatches too
+    torchrl_batch = -(-BATCH // block) * block
+    torchrl = TorchRLRun(TrainArgs(framework="torchrl", env=args.env, num_envs=args.num_envs, batch_size=torchrl_batch,
+                                   bptt_horizon=HORIZON, minibatch_size=MINIBATCH, update_epochs=EPOCHS, progress=False))
     runs = {"random": RandomStepping(args.env, args.num_envs), "plain loop": PlainLoop(args.env, args.num_envs),
-            "core": core}
+            "core": core, "torchrl": torchrl}
+    batches = {name: torchrl_batch if name == "torchrl" else BATCH for name in runs}
     for run in runs.values():  # warm-up
         run.iteration()
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name, run in runs.items():
-            samples[name].append(timed(lambda: [run.iteration() for _ in range(args.iterations)], args.iterations * BATCH))
+            samples[name].append(timed(lambda: [run.iteration() for _ in range(args.iterations)],
+                                       args.iterations * batches[name]))
     table = {
         name: {"agent_steps_per_s": statistics.median(s[0] for s in rows),
                "agent_steps_per_cpu_s": statistics.median(s[1] for s in rows)}
         for name, rows in samples.items()
     }
-    result = {"env": args.env, "rows": core.env.num_agents, "batch": BATCH, "minibatch": MINIBATCH, "epochs": EPOCHS,
-              "table": table,
-              "core_over_plain_wall": table["core"]["agent_steps_per_s"] / table["plain loop"]["agent_steps_per_s"],
-              "core_over_plain_cpu": table["core"]["agent_steps_per_cpu_s"] / table["plain loop"]["agent_steps_per_cpu_s"]}
+    plain = table["plain loop"]
+    result = {"env": args.env, "rows": core.env.num_agents, "batch": BATCH, "torchrl_batch": torchrl_batch,
+              "minibatch": MINIBATCH, "epochs": EPOCHS, "table": table,
+              **{f"{name}_over_plain_{unit}": table[name][f"agent_steps_per_{key}"] / plain[f"agent_steps_per_{key}"]
+                 for name in ("core", "torchrl") for unit, key in (("wall", "s"), ("cpu", "cpu_s"))}}
     print(json.dumps(result, indent=2))
     write_json(args.json, result)
     return result

@@ -20,6 +20,12 @@ def _conv(n_in: int, n_out: int, kernel: int, stride: int) -> nn.Conv2d:
     return conv
 
 
+def grid_features(trunk: nn.Module, inv_scale: Tensor, obs: Tensor) -> Tensor:
+    """``trunk(obs * inv_scale)`` as ``[N, hidden]`` for observations ``[..., features, height, width]``
+    (``N`` = the product of the leading dims; ``inv_scale`` is ``[features, 1, 1]``)."""
+    return trunk(obs.reshape(-1, *obs.shape[obs.dim() - 3:]).float() * inv_scale)
+
+
 class GridCNN(nn.Module):
     """Shared trunk ``conv 5x5/3 -> ReLU -> conv 3x3/1 -> ReLU -> linear -> ReLU`` with a linear
     actor (``Categorical`` over a ``Discrete`` space) and critic head.
@@ -64,11 +70,14 @@ class GridCNN(nn.Module):
         self.actor = orthogonal_linear(hidden, int(action_space.n), 0.01)
         self.critic = orthogonal_linear(hidden, 1, 1.0)
 
+    def encode(self, obs: Tensor) -> Tensor:
+        """The trunk's output ``[N, hidden]`` (``grid_features`` with this network's trunk)."""
+        return grid_features(self.trunk, self.inv_scale, obs)
+
     def forward(self, td: TensorDict, action: Tensor | None = None) -> TensorDict:
         obs = td[OBS_KEY]
         batch = obs.shape[: obs.dim() - 3]
-        x = obs.reshape(-1, *self.obs_shape).float() * self.inv_scale
-        hidden = self.trunk(x)
+        hidden = self.encode(obs)
         return write_policy_outputs(td, batch, (), self.actor(hidden), self.critic(hidden), continuous=False,
                                     action=action, who="GridCNN")
 

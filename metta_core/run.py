@@ -235,12 +235,13 @@ def preflight(args: TrainArgs) -> None:
 
 def _check_env_spaces(args: TrainArgs) -> None:
     """The networks of every framework read a flat Box observation; core and rllib act in Discrete or
-    Box spaces, the torchrl run in Discrete ones. MettaGrid presets are checked when built (core only)."""
+    Box spaces, the torchrl run in Discrete ones. MettaGrid presets are checked when built (core, torchrl)."""
     import gymnasium as gym
 
     if is_mettagrid(args.env):
-        if args.framework != "core":
-            raise MettaError(f"--env {args.env} trains with --framework core only for now (issue 13); use --framework core")
+        if args.framework == "rllib":
+            raise MettaError(f"--env {args.env} trains with --framework core or torchrl only for now (issue 13); "
+                             f"use --framework core or torchrl")
         return
 
     try:

@@ -12,14 +12,19 @@
 gives the ``loss_*`` terms of one minibatch, and the rest (clipping, accumulation, the target-KL
 stop) is then yours to do.
 
+Multi-agent batches: TorchRL's group layout (``("agents", key)`` entries of batch ``[B, T, agents]``)
+is folded into rows ``b * agents + a`` by the loss and the sampler (``as_rows``); MettaGrid runs as
+``bridges.torchrl.mettagrid.MettaGridEnv``, a batch row per agent (``docs/torchrl_conventions.md``).
+
 ``MettaPPOLoss`` keeps ``ClipPPOLoss``'s API conventions (arguments, keys, composite one-head actors,
 shared trunks, the keyword call, TorchRL's value estimators); the ones Metta's semantics refuse
 raise an error naming the reason: ``docs/torchrl_conventions.md``.
 """
 
 from bridges.torchrl.estimator import MettaAdvantage
+from bridges.torchrl.layout import as_rows
 from bridges.torchrl.loss import MettaPPOLoss
 from bridges.torchrl.phase import MettaPPOPhase
 from bridges.torchrl.sampler import MettaSegmentSampler
 
-__all__ = ["MettaAdvantage", "MettaPPOLoss", "MettaPPOPhase", "MettaSegmentSampler"]
+__all__ = ["as_rows", "MettaAdvantage", "MettaPPOLoss", "MettaPPOPhase", "MettaSegmentSampler"]

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 from torch import Tensor
 from torch.nn.functional import pad
@@ -38,7 +38,7 @@ COLLECTOR_MASK = ("collector", "mask")
 """Where TorchRL's collectors mark real (True) and padding (False) steps of split trajectories."""
 
 
-def check_batch_time(td: TensorDictBase, who: str) -> None:
+def check_batch_time(td: TensorDictBase, who: str, *, groups_allowed: bool = False) -> None:
     """Check that ``td`` is laid out ``[B, T]`` with time last; raise a ``MettaError`` otherwise.
 
     Time is the dimension named ``"time"`` when the tensordict has names, else the last batch
@@ -47,7 +47,8 @@ def check_batch_time(td: TensorDictBase, who: str) -> None:
     - a batch with other than 2 batch dims (``[T]`` or ``[B1, B2, T]`` are ambiguous rows);
     - names that do not mark exactly one ``"time"`` dim;
     - a ``"time"`` dim that is not the last one (a ``[T, B]`` batch);
-    - padding steps: a ``("collector", "mask")`` entry (``split_trajs=True``) with a False value.
+    - padding steps: a ``("collector", "mask")`` entry (``split_trajs=True``) with a False value;
+    - unless ``groups_allowed`` (callers that fold them with ``as_rows``), agent groups.
     """
     if td.batch_dims != 2:
         raise MettaError(
@@ -72,6 +73,12 @@ def check_batch_time(td: TensorDictBase, who: str) -> None:
         raise MettaError(
             f"{who}: empty batch (batch_size {tuple(td.batch_size)}); collect at least one step per row"
         )
+    if not groups_allowed and agent_groups(td):
+        raise MettaError(
+            f"{who}: the batch holds agent groups ({_describe(agent_groups(td))}) of TorchRL's multi-agent layout "
+            f"[B, T, agents]; this call reads rows [B, T]: fold them first with "
+            f"bridges.torchrl.as_rows(td, who) (MettaPPOLoss and MettaSegmentSampler do it themselves)"
+        )
     mask = td.get(COLLECTOR_MASK, None)
     if mask is not None and not bool(mask.all()):
         raise MettaError(
@@ -79,6 +86,115 @@ def check_batch_time(td: TensorDictBase, who: str) -> None:
             f"consecutive real steps (SPEC §1), so padded trajectories would be trained on: collect with "
             f"split_trajs=False and cut each env's steps into rows with data.reshape(-1, bptt_horizon)"
         )
+
+
+AGENT_DIM = 2
+"""An agent group's sub-tensordict is ``[B, T, agents]``: the agent dim follows the ``[B, T]`` batch."""
+FLAG_NAMES = ("done", "terminated", "truncated")
+"""Terminal flags a group may hold per agent next to the shared ones (under ``"next"``)."""
+AGENT_MASK = "mask"
+"""Where TorchRL's multi-agent envs (``PettingZooWrapper``) mark active (True) agents of a group."""
+
+
+def agent_groups(td: TensorDictBase) -> dict[NestedKey, int]:
+    """The agent groups of a ``[B, T]`` tensordict: every sub-tensordict (at any depth, e.g.
+    ``"agents"`` and ``("next", "agents")``) whose batch is ``[B, T, agents]``, with its agent count."""
+    groups: dict[NestedKey, int] = {}
+    for key, value in td.items(include_nested=True):
+        if isinstance(value, TensorDictBase) and value.batch_dims == td.batch_dims + 1:
+            if not any(_within(key, group) for group in groups):
+                groups[key] = int(value.batch_size[AGENT_DIM])
+    return groups
+
+
+def _within(key: NestedKey, group: NestedKey) -> bool:
+    key, group = _as_tuple(key), _as_tuple(group)
+    return key[: len(group)] == group
+
+
+def _as_tuple(key: NestedKey) -> tuple[str, ...]:
+    return key if isinstance(key, tuple) else (key,)
+
+
+def as_rows(td: TensorDictBase, who: str) -> TensorDictBase:
+    """``td`` checked as ``[B, T]`` (``check_batch_time``) and, if it holds agent groups (TorchRL's
+    multi-agent layout, ``("agents", key)`` entries of batch ``[B, T, A]``), folded into
+    ``[B * A, T]`` rows in SPEC §1 order: row ``b * A + a`` is agent ``a`` of row ``b``.
+
+    Group entries keep their keys (``("agents", "observation")`` stays the actor's input key);
+    shared entries (``("next", "done")``, ``"collector"``) are repeated for each agent. Refused with
+    a ``MettaError``: groups with different agent counts, a group's ``mask`` marking an inactive
+    agent, and per-agent terminal flags that disagree with the shared ones (an agent whose episode
+    ends apart from its env's: its row would continue with steps it did not take).
+    A tensordict without groups is returned as it is.
+    """
+    check_batch_time(td, who, groups_allowed=True)
+    groups = agent_groups(td)
+    if not groups:
+        return td
+    counts = set(groups.values())
+    if len(counts) > 1:
+        raise MettaError(
+            f"{who}: the agent groups have different agent counts ({_describe(groups)}); Metta folds one group "
+            f"layout [B, T, agents] into rows, so every group must have the same agents: train each group with "
+            f"its own loss on td.exclude(<the other groups>)"
+        )
+    (agents,) = counts
+    b, t = td.batch_size
+    for group in groups:
+        _check_active(td, group, who)
+    folded = TensorDict({}, batch_size=[b * agents, t], device=td.device)
+    for key, x in td.items(include_nested=True, leaves_only=True):
+        if any(_within(key, group) for group in groups):
+            x = x.movedim(AGENT_DIM, 1).reshape(b * agents, t, *x.shape[AGENT_DIM + 1:])
+        else:
+            x = x.repeat_interleave(agents, dim=0)
+        folded.set(key, x)
+    if td._has_names():
+        folded.names = [None, TIME_DIM_NAME]
+    for group in groups:
+        _check_flags_agree(folded, group, who)
+    return folded
+
+
+def _describe(groups: dict[NestedKey, int]) -> str:
+    return ", ".join(f"{key!r}: {count} agents" for key, count in groups.items())
+
+
+def _check_active(td: TensorDictBase, group: NestedKey, who: str) -> None:
+    mask = td.get((*_as_tuple(group), AGENT_MASK), None)
+    if mask is not None and not bool(mask.all()):
+        raise MettaError(
+            f"{who}: {(*_as_tuple(group), AGENT_MASK)!r} marks {int((~mask.bool()).sum())} inactive agent-step(s); "
+            f"Metta's rows are each agent's consecutive real steps (SPEC §1), so an agent that left its episode "
+            f"early would be trained on padding: use an env whose agents all act until the episode ends (MettaGrid, "
+            f"VMAS), or drop those agents' steps yourself before training"
+        )
+
+
+def _check_flags_agree(folded: TensorDictBase, group: NestedKey, who: str) -> None:
+    """A group's per-agent terminal flags under ``"next"`` equal the shared ones, where both exist."""
+    group = _as_tuple(group)
+    if group[0] != "next":
+        return
+    for name in FLAG_NAMES:
+        own, shared = folded.get((*group, name), None), folded.get(("next", name), None)
+        if own is None or shared is None:
+            continue
+        own, shared = own.reshape(*own.shape[:2], -1), shared.reshape(*shared.shape[:2], -1)
+        if own.shape != shared.shape:
+            raise MettaError(
+                f"{who}: the per-agent {(*group, name)!r} has {own.shape[-1]} flag(s) per agent-step, the shared "
+                f"{('next', name)!r} {shared.shape[-1]}; give both one flag per step"
+            )
+        disagree = own.bool() != shared.bool()
+        if bool(disagree.any()):
+            raise MettaError(
+                f"{who}: the per-agent {(*group, name)!r} disagrees with the shared {('next', name)!r} at "
+                f"{int(disagree.sum())} agent-step(s); Metta's rows follow each env's episodes, so all agents of an "
+                f"env must end together: set the per-agent flags from the shared ones (as TorchRL's MAPPO example "
+                f"does: td['next', 'done'].unsqueeze(-1).expand(...)), or drop them"
+            )
 
 
 def set_keys_hint(field: str, key: NestedKey) -> str:

@@ -34,7 +34,7 @@ from metta_core.ppo_math import explained_variance, ppo_minibatch_loss
 
 from bridges.torchrl.estimator import MettaAdvantage
 from bridges.torchrl.layout import (
-    blame_inputs, check_batch_time, check_estimator_hyperparams, check_values, metta_rewards_dones, read_bt,
+    as_rows, blame_inputs, check_estimator_hyperparams, check_values, metta_rewards_dones, read_bt,
 )
 
 COEFFICIENTS = ("clip_coef", "ent_coef", "vf_coef", "vf_clip_coef")
@@ -147,6 +147,8 @@ class MettaPPOLoss(LossModule):
     Without ``advantage`` the value estimator computes it (and fills a missing ``value`` from the
     critic); with ``advantage`` and no ``value``, a ``KeyError`` (:class:`MissingEntryError`).
     Or keyword tensors (``loss(observation=..., next_reward=...)``): the ``out_keys`` as a tuple.
+    A batch in TorchRL's multi-agent group layout (``("agents", key)`` entries of batch
+    ``[B, T, agents]``) is folded into rows ``b * agents + a`` first (``layout.as_rows``).
 
     Per call (SPEC §1, §4.4-4.6), with Metta's ``rewards[:, t+1] = ("next", reward)[:, t]`` and
     ``dones[:, t+1] = ("next", terminated)[:, t]``:
@@ -510,7 +512,7 @@ class MettaPPOLoss(LossModule):
         next_reward=...)``, names of ``in_keys`` joined by ``_``): returns the ``out_keys`` as a tuple.
         """
         who = type(self).__name__
-        check_batch_time(tensordict, who)
+        tensordict = as_rows(tensordict, who)  # TorchRL's agent groups folded into rows
         keys = self.tensor_keys
         td = tensordict  # read only: the networks get selections of their inputs
 

@@ -10,7 +10,7 @@ from tensordict import TensorDictBase
 from metta_core.errors import MettaError, require_positive_ints
 from metta_core.phase import MinibatchSchedule, PhaseSizes
 
-from bridges.torchrl.layout import check_batch_time, read_bt
+from bridges.torchrl.layout import as_rows, read_bt
 from bridges.torchrl.loss import MettaPPOLoss
 
 
@@ -27,7 +27,8 @@ class MettaSegmentSampler:
                 idx, prio_w = schedule.draw()                               # SPEC §4.3
                 yield mb_idx, batch[idx] with advantage = A0[idx], priority_weight = prio_w
 
-    ``phase`` is that loop as a generator; ``start_phase`` + ``minibatch`` are its steps, for
+    A batch in TorchRL's multi-agent group layout is folded into agent rows first (``layout.as_rows``),
+    so ``B`` counts agent-rows. ``phase`` is that loop as a generator; ``start_phase`` + ``minibatch`` are its steps, for
     drivers such as ``MettaPPOPhase``. Starting a phase clears the loss's phase stats and sets
     ``loss.anneal_beta``; each first pass records ``explained_variance(A0, values)`` on them.
     With a seeded ``generator`` the draws are reproducible; ``state_dict`` holds its state.
@@ -69,7 +70,7 @@ class MettaSegmentSampler:
 
     def start_phase(self, batch: TensorDictBase, *, epoch: int, accumulate_minibatches: int = 1) -> PhaseSizes:
         """Check ``batch`` (``[B, T]``), clear the loss's phase stats, and return the phase's sizes."""
-        check_batch_time(batch, type(self).__name__)
+        batch = as_rows(batch, type(self).__name__)  # TorchRL's agent groups folded into rows
         num_minibatches = self.num_minibatches(batch.batch_size[0])
         self._schedule = MinibatchSchedule(
             minibatch_segments=self.minibatch_segments,

@@ -14,6 +14,11 @@ carried tensordict (current observations and running episode returns). A resumed
 ``trust_checkpoint`` therefore continues exactly like the uninterrupted one (tested bit for bit),
 relying on one private TorchRL attribute, ``Collector._carrier``, as TorchRL 0.14 has no public way
 to restore it; without it the episodes restart.
+
+MettaGrid presets (``mettagrid:arena-8``) run as ``bridges.torchrl.mettagrid.MettaGridEnv`` (a batch
+row per agent) with GridCNN's architecture and init; their checkpoints hold the adapter's episode-seed
+generator instead of the simulators (which cannot be pickled): a resumed run starts fresh episodes,
+as the core's does.
 """
 
 from __future__ import annotations
@@ -34,16 +39,19 @@ from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
 from metta_core.config import ADAM_EPS
+from metta_core.envs import is_mettagrid, make_training_env
 from metta_core.errors import MettaError
 from metta_core.phase import PhaseSizes, PhaseStats, clip_and_step, run_phase
 from metta_core.policy import mlp
 from metta_core.run import (
     ReturnTracker, TrainArgs, announce_untrusted_resume, check_shapes, drive, make_checkpoint, preflight,
-    read_checkpoint, save_checkpoint,
+    read_checkpoint, save_checkpoint, target_return,
 )
+from metta_core.runlog import REWARD_RATE_KEY, RETURN_KEY
 
 from bridges.torchrl.layout import TIME_DIM_NAME
 from bridges.torchrl.loss import MettaPPOLoss
+from bridges.torchrl.mettagrid import HIDDEN_KEY, MettaGridEnv, grid_actor_critic
 from bridges.torchrl.phase import LOSS_PREFIX, MettaPPOPhase
 from bridges.torchrl.sampler import MettaSegmentSampler
 
@@ -101,24 +109,54 @@ def native_clip_ppo(actor: ProbabilisticActor, critic: ValueOperator, args: Trai
     return loss
 
 
+UNREAD_GRID_ENTRIES = (("next", "observation"), HIDDEN_KEY, "logits")
+"""MettaGrid batch entries Metta's loss never reads: the next grid (as large as the observation; only
+TorchRL's own estimators read it) and the collection-time trunk output and logits (recomputed)."""
+
+
+def make_mettagrid_env(env_id: str, num_envs: int, seed: int) -> MettaGridEnv:
+    """``num_envs`` arenas of the MettaGrid preset ``env_id`` (the core's adapter), one batch row per agent."""
+    return MettaGridEnv(make_training_env(env_id, num_envs, seed))
+
+
 class TorchRLRun:
-    """Everything a TorchRL training run holds, built from ``TrainArgs``."""
+    """Everything a TorchRL training run holds, built from ``TrainArgs``.
+
+    A MettaGrid preset (``mettagrid:arena-8``) runs as ``MettaGridEnv`` (a batch row per agent)
+    with GridCNN's architecture and init (``grid_actor_critic``); its rows log
+    ``reward_per_agent_step`` and the learning curve plots it against agent steps, as the core's do.
+    """
 
     def __init__(self, args: TrainArgs, native: bool = False) -> None:
         self.args = args
         self.sizes = args.trainer_config().sizes
         self.ppo_cfg = args.ppo_config()
-        if args.batch_size % args.num_envs or (args.batch_size // args.num_envs) % args.bptt_horizon:
-            raise MettaError(
-                f"batch_size ({args.batch_size}) must be num_envs ({args.num_envs}) x a multiple of bptt_horizon "
-                f"({args.bptt_horizon}) so every env's steps split into whole rows; e.g. batch_size = "
-                f"{args.num_envs * args.bptt_horizon * max(1, args.batch_size // (args.num_envs * args.bptt_horizon))}"
-            )
         if args.device != "cpu":
             raise MettaError(f"bridges.torchrl.train runs on CPU only, got device={args.device!r}; use --device cpu")
+        self.mettagrid = is_mettagrid(args.env)
+        if self.mettagrid and native:
+            raise MettaError(f"--compare-native is not available for --env {args.env} (TorchRL's GAE would run the "
+                             f"critic on ('next', 'hidden')); train without --compare-native")
         torch.manual_seed(args.seed)
-        self.env = make_env(args.env, args.num_envs, args.seed)
-        self.actor, self.critic = make_actor_critic(self.env, args.hidden_size)
+        if self.mettagrid:
+            self.env: TransformedEnv | MettaGridEnv = make_mettagrid_env(args.env, args.num_envs, args.seed)
+            grid = self.env.environment
+            self.actor, self.critic = grid_actor_critic(
+                grid.single_observation_space.shape, int(grid.single_action_space.n), grid.feature_scale,
+                action_spec=self.env.full_action_spec,
+            )
+        else:
+            self.env = make_env(args.env, args.num_envs, args.seed)
+            self.actor, self.critic = make_actor_critic(self.env, args.hidden_size)
+        self.curve_key = REWARD_RATE_KEY if self.mettagrid else RETURN_KEY
+        rows = self.env.batch_size.numel()
+        if args.batch_size % (rows * args.bptt_horizon):
+            raise MettaError(
+                f"--batch-size {args.batch_size} must be a multiple of {rows} rows ("
+                f"{'agents' if self.mettagrid else 'envs'}) x --bptt-horizon {args.bptt_horizon} so every row's "
+                f"steps split into whole segments; e.g. --batch-size "
+                f"{rows * args.bptt_horizon * max(1, args.batch_size // (rows * args.bptt_horizon))}"
+            )
         self.policy = TensorDictSequential(self.actor, self.critic)
         self.native = native
         if self.native:
@@ -134,34 +172,45 @@ class TorchRLRun:
         self.train_phase = MettaPPOPhase(
             self.loss, self.optimizer, self.sampler, accumulate_minibatches=self.sizes["accumulate_minibatches"],
         ) if not self.native else None
-        self.collector = Collector(
-            self.env, self.policy, frames_per_batch=args.batch_size, total_frames=-1,
-            auto_register_policy_transforms=False,
-        )
+        self.collector = self._make_collector()
         self._batches = iter(self.collector)
-        self.returns = ReturnTracker(args.target_return)
+        self.returns = ReturnTracker(target_return(args))
         self.epoch = 0
         self.env_steps = 0
+
+    def _make_collector(self) -> Collector:
+        return Collector(
+            self.env, self.policy, frames_per_batch=self.args.batch_size, total_frames=-1,
+            auto_register_policy_transforms=False,
+        )
 
     def iteration(self) -> dict[str, float]:
         """Collect one batch and train on it; returns the row to log."""
         started = time.perf_counter()
         data = next(self._batches)
         self.env_steps += data.numel()
-        done = data["next", "done"]
-        self.returns.add(data["next", "episode_reward"][done].tolist(), self.env_steps)
+        reward_rate = {}
+        if self.mettagrid:
+            self.returns.add(self.env.environment.pop_finished_episodes()[0], self.env_steps)
+            reward_rate[REWARD_RATE_KEY] = self.env.environment.pop_reward_rate()
+        else:
+            done = data["next", "done"]
+            self.returns.add(data["next", "episode_reward"][done].tolist(), self.env_steps)
         stats = self._train_native(data) if self.native else self._train_metta(data)
         self.epoch += 1
         return {
             "env_steps": self.env_steps,
             "epoch": self.epoch,
             "episode_return_mean": self.returns.mean,
+            **reward_rate,
             "episodes": self.returns.episodes,
             "steps_per_second": data.numel() / (time.perf_counter() - started),
             **stats,
         }
 
     def _train_metta(self, data: TensorDictBase) -> dict[str, float]:
+        if self.mettagrid:  # entries the loss does not read, which every minibatch would otherwise copy
+            data = data.exclude(*UNREAD_GRID_ENTRIES)
         rows = data.reshape(-1, self.args.bptt_horizon)  # each env's steps cut into consecutive rows
         rows.names = [None, TIME_DIM_NAME]
         return self.train_phase(rows, epoch=self.epoch)
@@ -210,7 +259,10 @@ class TorchRLRun:
 
     def env_state(self) -> dict[str, Any]:
         """The gymnasium sub-envs and the collector's carried tensordict (current observations, running
-        returns): pickled, restored only when trusted."""
+        returns): pickled, restored only when trusted. MettaGrid: the adapter's ``state_dict`` (episode-seed
+        generator, finished episodes; no simulator, which cannot be pickled)."""
+        if self.mettagrid:
+            return {"mettagrid": self.env.environment.state_dict()}
         return {"sub_envs": self.env.base_env._env.envs, "carrier": self.collector._carrier.clone()}
 
     def load_state_dict(self, state: dict[str, Any], env_state: dict[str, Any] | None = None) -> None:
@@ -227,7 +279,12 @@ class TorchRLRun:
         self.epoch = state["epoch"]
         self.env_steps = state["env_steps"]
         self.returns.load_state_dict(state["returns"])
-        if env_state is not None:
+        if env_state is not None and self.mettagrid:
+            self.env.environment.load_state_dict(env_state["mettagrid"])  # fresh episodes, logged
+            self.collector.shutdown(close_env=False)  # a new collector starts from the fresh episodes' observations
+            self.collector = self._make_collector()
+            self._batches = iter(self.collector)
+        elif env_state is not None:
             self.env.base_env._env.envs = env_state["sub_envs"]
             self.collector._carrier = env_state["carrier"].clone()
         torch.set_rng_state(state["torch_rng"])

@@ -18,7 +18,6 @@ _RECURRENT = ("lstm_discrete_dones_truncations", "lstm_continuous", "gru_shared_
 PENDING = {
     **{("torchrl", name): "recurrent policies (issue 12, rec-torchrl)" for name in _RECURRENT},
     **{("rllib", name): "stateful RLModules (issue 12, rec-rllib)" for name in _RECURRENT},
-    ("torchrl", "multi_agent_shared_policy"): "the multi-agent group layout (issue 13, ma-torchrl)",
     ("rllib", "multi_agent_shared_policy"): "per-agent episodes as rows (issue 13, ma-rllib)",
 }
 """(framework, case) pairs whose runner reports UNSUPPORTED until the framework's support lands;

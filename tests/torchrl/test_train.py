@@ -60,7 +60,7 @@ def test_native_clip_ppo_comparison_runs(tmp_path):
 
 
 def test_batch_must_split_into_rows(tmp_path):
-    with pytest.raises(MettaError, match="multiple of bptt_horizon"):
+    with pytest.raises(MettaError, match=r"--batch-size 192 must be a multiple of \d+ rows \(envs\) x --bptt-horizon"):
         TorchRLRun(TrainArgs(**{**TINY, "batch_size": 192}, out_dir=tmp_path))
 
 

@@ -4,6 +4,11 @@ Layout (SPEC §1): TorchRL's ``("next", "reward")[:, t]`` is the case's ``reward
 likewise ``terminated`` from ``dones``, ``truncated`` from ``truncateds``). TorchRL's last column
 has no Metta counterpart; it is filled with ``UNUSED_LAST_REWARD`` and a terminal flag, which a
 conforming loss never reads.
+
+Multi-agent cases (``layout.agents = A``) are fed in TorchRL's group layout: every entry under the
+group ``"agents"`` with batch ``[envs, horizon, A]`` (``group[e, :, a]`` is the case's row
+``e * A + a``), the env's shared flags at the root, and the loss keys pointed at the group, as a
+PettingZoo or VMAS pipeline has them; the bridge folds the agents back into the case's rows.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from tensordict.nn import TensorDictModule
 from torch import nn
 from torchrl.modules import IndependentNormal, ProbabilisticActor, ValueOperator
 
-from bridges.torchrl import MettaPPOLoss, MettaPPOPhase, MettaSegmentSampler
+from bridges.torchrl import MettaPPOLoss, MettaPPOPhase, MettaSegmentSampler, as_rows
 
 from bridges.conformance.cases import Case
 from bridges.conformance.reference import PHASE_STAT_NAMES, Measurement
@@ -25,10 +30,14 @@ UNUSED_LAST_REWARD = 123.0
 
 LOSS_KEYS = ("loss_objective", "loss_critic", "loss_entropy")
 
+GROUP = "agents"
+"""The agent group of a multi-agent case's batch (TorchRL's group layout)."""
+FLAGS = ("terminated", "truncated", "done")
+
 
 def unsupported(case: Case) -> str | None:
     """Why this runner cannot run ``case`` yet (recurrent policies, the multi-agent group layout), or None."""
-    return unsupported_features(case, recurrent=False, multi_agent=False)
+    return unsupported_features(case, recurrent=False, multi_agent=True)
 
 
 class _NormalHead(nn.Module):
@@ -44,35 +53,73 @@ class _NormalHead(nn.Module):
         return loc, self.log_std.exp().expand_as(loc)
 
 
+def _key(name: str, grouped: bool) -> str | tuple[str, str]:
+    return (GROUP, name) if grouped else name
+
+
 def policy_modules(case: Case) -> tuple[ProbabilisticActor, ValueOperator, nn.Module]:
     """TorchRL actor and critic holding the parameters of a fresh ``ActorCritic`` (also returned).
 
     Discrete: ``Categorical`` over the actor's ``logits``; continuous: ``IndependentNormal`` with
     ``loc`` the actor's output and ``scale = exp(log_std)``. The critic writes ``state_value``.
+    A multi-agent case's modules read and write those keys under ``GROUP``.
     """
     policy = actor_critic(case)
+    grouped = case.agents > 1
+    obs, action, value = (_key(name, grouped) for name in ("observation", "action", "state_value"))
     if policy.continuous:
-        head = TensorDictModule(_NormalHead(policy.actor, policy.log_std), in_keys=["observation"],
-                                out_keys=["loc", "scale"])
-        actor = ProbabilisticActor(head, in_keys=["loc", "scale"], distribution_class=IndependentNormal,
+        params = [_key("loc", grouped), _key("scale", grouped)]
+        head = TensorDictModule(_NormalHead(policy.actor, policy.log_std), in_keys=[obs], out_keys=params)
+        actor = ProbabilisticActor(head, in_keys=params, out_keys=[action], distribution_class=IndependentNormal,
                                    return_log_prob=True)
     else:
-        head = TensorDictModule(policy.actor, in_keys=["observation"], out_keys=["logits"])
-        actor = ProbabilisticActor(head, in_keys=["logits"], distribution_class=torch.distributions.Categorical,
-                                   return_log_prob=True)
-    return actor, ValueOperator(policy.critic, in_keys=["observation"]), policy
+        logits = _key("logits", grouped)
+        head = TensorDictModule(policy.actor, in_keys=[obs], out_keys=[logits])
+        actor = ProbabilisticActor(head, in_keys=[logits], out_keys=[action],
+                                   distribution_class=torch.distributions.Categorical, return_log_prob=True)
+    return actor, ValueOperator(policy.critic, in_keys=[obs], out_keys=[value]), policy
 
 
 def _loss(case: Case) -> tuple[MettaPPOLoss, nn.Module]:
-    """``MettaPPOLoss`` over ``policy_modules(case)``, and the ``ActorCritic`` whose parameters it trains."""
+    """``MettaPPOLoss`` over ``policy_modules(case)``, and the ``ActorCritic`` whose parameters it trains;
+    for a multi-agent case the keys point at the group, as in TorchRL's MAPPO example."""
     actor, critic, policy = policy_modules(case)
-    return MettaPPOLoss(actor, critic, case.ppo), policy
+    loss = MettaPPOLoss(actor, critic, case.ppo)
+    if case.agents > 1:
+        loss.set_keys(reward=(GROUP, "reward"), terminated=(GROUP, "terminated"), done=(GROUP, "done"),
+                      value=(GROUP, "state_value"))
+    return loss, policy
 
 
 def _batch(case: Case, loss: MettaPPOLoss) -> TensorDict:
-    """The case buffer as a collected ``[segments, horizon]`` TorchRL batch (keys from ``loss.tensor_keys``)."""
+    """The case buffer as a collected TorchRL batch: ``[segments, horizon]``, or for a multi-agent
+    case the group layout ``[envs, horizon]`` (``_group_layout``)."""
+    rows = _rows(case, loss.tensor_keys, grouped=case.agents > 1)
+    return rows if case.agents == 1 else _group_layout(rows, case.agents)
+
+
+def _group_layout(rows: TensorDict, agents: int) -> TensorDict:
+    """Rows ``e * agents + a`` (entries under ``GROUP`` and ``("next", GROUP)``) as TorchRL's group
+    layout: the same keys with batch ``[envs, horizon, agents]``, ``group[e, :, a] = rows[e * agents + a]``;
+    the env's flags (equal for its agents in a multi-agent case) also at the root, as the env's own."""
+    envs, horizon = rows.batch_size[0] // agents, rows.batch_size[1]
+
+    def unfold(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(envs, agents, horizon, *x.shape[2:]).transpose(1, 2)
+
+    per_agent = [envs, horizon, agents]
+    group = TensorDict({GROUP: TensorDict({}, per_agent), "next": {GROUP: TensorDict({}, per_agent)}}, [envs, horizon])
+    for key, x in rows.items(include_nested=True, leaves_only=True):
+        group.set(key, unfold(x))
+    for name in FLAGS:
+        group.set(("next", name), rows["next", GROUP, name][::agents])
+    return group
+
+
+def _rows(case: Case, keys: MettaPPOLoss._AcceptedKeys, grouped: bool) -> TensorDict:
+    """The case buffer as ``[segments, horizon]`` rows under ``keys`` (the observation and truncation
+    flag under ``GROUP`` when ``grouped``)."""
     data = case.tensors()
-    keys = loss.tensor_keys
     next_reward = torch.full_like(data["rewards"], UNUSED_LAST_REWARD)
     next_reward[:, :-1] = data["rewards"][:, 1:]
     terminated = torch.ones_like(data["dones"], dtype=torch.bool)
@@ -81,12 +128,13 @@ def _batch(case: Case, loss: MettaPPOLoss) -> TensorDict:
     truncated[:, :-1] = data["truncateds"][:, 1:].bool()
     return TensorDict(
         {
-            "observation": data["env_obs"],
+            _key("observation", grouped): data["env_obs"],
             keys.action: data["actions"],
             keys.sample_log_prob: data["act_log_prob"],
             keys.value: data["values"].unsqueeze(-1),
             "next": {keys.reward: next_reward.unsqueeze(-1), keys.terminated: terminated.unsqueeze(-1),
-                     "truncated": truncated.unsqueeze(-1), keys.done: (terminated | truncated).unsqueeze(-1)},
+                     _key("truncated", grouped): truncated.unsqueeze(-1),
+                     keys.done: (terminated | truncated).unsqueeze(-1)},
         },
         batch_size=list(data["values"].shape),
     )
@@ -102,7 +150,7 @@ def run(case: Case) -> Measurement:
     ppo, trainer = case.ppo, case.trainer
     loss, policy = _loss(case)
     batch = _batch(case, loss)
-    minibatch = batch[torch.from_numpy(case.idx)]
+    minibatch = as_rows(batch, "conformance")[torch.from_numpy(case.idx)]  # the case's rows (agents folded)
     minibatch.set(loss.tensor_keys.priority_weight,
                   torch.from_numpy(case.prio_weights.copy()).expand(-1, trainer.bptt_horizon).contiguous())
     out = loss(minibatch)
