@@ -270,3 +270,39 @@ def _stateful_episode(module, length: int, terminated: bool, seed: int) -> Singl
         terminated=terminated,
         len_lookback_buffer=0,
     ).to_numpy()
+
+
+@pytest.mark.slow
+def test_lstm_run_with_a_remote_env_runner_saves_and_resumes(tmp_path):
+    """``--policy lstm`` on CartPoleNoVel-v1 with one remote env runner (it must build the env from its
+    ``module:id``), two iterations, a checkpoint, and a resume that restores the module's weights."""
+    import ray
+
+    from bridges.rllib.cluster import init_private_ray
+    from bridges.rllib.settings import RLlibSettings
+    from bridges.rllib.train import RLlibRun, build_config
+    from metta_core.run import TrainArgs
+
+    args = TrainArgs(framework="rllib", policy="lstm", env="CartPoleNoVel-v1", batch_size=256, bptt_horizon=16,
+                     minibatch_size=128, update_epochs=2, hidden_size=16, num_envs=4, progress=False,
+                     target_return=None, trust_checkpoint=True)
+    settings = RLlibSettings(num_env_runners=1)
+    init_private_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run = RLlibRun(build_config(args, settings), args)
+        try:
+            rows = [run.iteration() for _ in range(2)]
+            assert all(np.isfinite(r["policy_loss"]) and r["env_steps"] > 0 for r in rows)
+            weights = {k: v.clone() for k, v in run.algo.get_module().state_dict().items()}
+            run.save(tmp_path / "ckpt")
+        finally:
+            run.close()
+        resumed = RLlibRun(build_config(args, settings), args, resume=tmp_path / "ckpt")
+        try:
+            restored = resumed.algo.get_module().state_dict()
+            assert all(torch.equal(weights[k], restored[k]) for k in weights)
+            assert np.isfinite(resumed.iteration()["policy_loss"])
+        finally:
+            resumed.close()
+    finally:
+        ray.shutdown()
