@@ -302,34 +302,53 @@ BOOTSTRAP_SLOTS = "_metta_bootstrap_slots"
 
 
 def pack_chunks_stateful(episodes: list, horizon: int, module) -> dict[str, Any] | None:
-    """Each chunk starts a row (see module docstring); ``None`` if there are none.
+    """Each chunk starts a row (see module docstring); ``None`` if no chunk has a step.
 
     Columns of ``pack_chunks`` plus ``Columns.STATE_IN`` (a tree of ``[slots, ...]`` float32 arrays)
     and ``STATE_RESETS``; ``BOOTSTRAP_SLOTS`` lists the slot ``L`` of each truncated chunk that is
     followed by its masked terminal slot (``finish`` writes ``V(o_L)`` into that slot's reward).
+    The chunks are first laid end to end (``pack_chunks_at``), then cut into rows: at ``0, h, 2h``
+    of each chunk, except that when its ``L`` steps fill whole rows (``L % h == 0``), the last row
+    would hold only masked slots (``o_L``, its terminal slot): it then covers the chunk's last ``h``
+    slots instead, starting from the stored state there, and the slots it shares with the row
+    before are trained in it (masked in the earlier row), with the terminal or bootstrap value.
     """
+    episodes = [episode for episode in episodes if len(episode)]
     if not episodes:
         return None
     chunks = [_episode_arrays(episode) for episode in episodes]
     states = [_stored_input_states(episode, module) for episode in episodes]
-    starts, bootstraps, end = [], [], 0
+    starts, sizes, end = [], [], 0
     for episode, (obs, *_) in zip(episodes, chunks):
         starts.append(end)
-        slots = len(obs)
-        if not episode.is_terminated and slots % horizon:
-            bootstraps.append(end + slots - 1)
-            slots += 1
-        end += -(-slots // horizon) * horizon
-    columns = pack_chunks_at(episodes, chunks, starts, end)
-    columns[STATE_RESETS] = np.zeros(end, dtype=bool)
-    columns[Columns.STATE_IN] = tree.map_structure(lambda s: np.zeros((end, *s.shape[1:]), np.float32), states[0])
+        sizes.append(len(obs) + (not episode.is_terminated and len(obs) % horizon != 0))
+        end += sizes[-1]
+    bootstraps = [s + len(e) for s, size, e in zip(starts, sizes, episodes) if size == len(e) + 2]
+    stream = pack_chunks_at(episodes, chunks, starts, end + 1)  # slot ``end``: padding
+    stream[STATE_RESETS] = np.zeros(end + 1, dtype=bool)
+    stream[Columns.STATE_IN] = tree.map_structure(lambda s: np.zeros((end + 1, *s.shape[1:]), np.float32), states[0])
     for s, episode, state in zip(starts, episodes, states):
-        columns[STATE_RESETS][s] = episode.t_started == 0
-        for column, stored in zip(tree.flatten(columns[Columns.STATE_IN]), tree.flatten(state)):
+        stream[STATE_RESETS][s] = episode.t_started == 0
+        for column, stored in zip(tree.flatten(stream[Columns.STATE_IN]), tree.flatten(state)):
             column[s : s + len(stored)] = stored
     for b in bootstraps:
-        columns[Columns.TERMINATEDS][b + 1] = 1.0
-    columns[BOOTSTRAP_SLOTS] = np.asarray(bootstraps, dtype=np.int64)
+        stream[Columns.TERMINATEDS][b + 1] = 1.0
+    index, owned, out_bootstraps = [], [], []
+    columns_of_row = np.arange(horizon)
+    for s, size, episode in zip(starts, sizes, episodes):
+        offsets = list(range(0, size, horizon))
+        if len(episode) % horizon == 0 and size > horizon:
+            offsets[-1] = size - horizon
+        for k, offset in enumerate(offsets):
+            in_chunk = offset + columns_of_row
+            index.append(np.where(in_chunk < size, s + in_chunk, end))
+            owned.append(in_chunk < (offsets[k + 1] if k + 1 < len(offsets) else size))
+        if size == len(episode) + 2:  # slot L (and its terminal slot) sit in the last row
+            out_bootstraps.append((len(index) - 1) * horizon + len(episode) - offsets[-1])
+    index_flat = np.concatenate(index)
+    columns = tree.map_structure(lambda v: v[index_flat], stream)
+    columns[Columns.LOSS_MASK] = columns[Columns.LOSS_MASK] & np.concatenate(owned)
+    columns[BOOTSTRAP_SLOTS] = np.asarray(out_bootstraps, dtype=np.int64)
     return columns
 
 

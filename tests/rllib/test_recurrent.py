@@ -69,25 +69,41 @@ def sample(request):
 # -- the layout of sampled chunks ---------------------------------------------------------------
 
 
-def test_each_chunk_starts_a_row_with_its_stored_state(sample):
+def test_every_step_is_trained_once_in_rows_that_start_from_stored_states(sample):
     _, learner, episodes = sample
-    module = learner.module[DEFAULT_MODULE_ID].unwrapped()
     batch = MettaLayoutConnector(ppo=PPOConfig(), horizon=HORIZON)(
         rl_module=learner.module, batch={}, episodes=episodes)[DEFAULT_MODULE_ID]
-    mask, resets = batch[Columns.LOSS_MASK], batch[STATE_RESETS]
     assert any(e.t_started > 0 for e in episodes) and any(not e.is_terminated for e in episodes)
-    slot = 0
-    for e in episodes:
-        assert slot % HORIZON == 0
-        assert bool(resets[slot]) == (e.t_started == 0) and not resets[slot + 1 : slot + len(e) + 1].any()
-        assert mask[slot : slot + len(e)].all() and not mask[slot + len(e)]
-        outs = e.get_extra_model_outputs(Columns.STATE_OUT)
-        for t in range(1, len(e) + 1):  # stored input state of step t = the output state of step t-1
-            stored = tree_map(lambda s: s[slot + t].numpy(), batch[Columns.STATE_IN])
-            expected = tree_map(lambda s: s[t - 1], outs)
-            assert all(np.array_equal(a, b) for a, b in zip(tree_leaves(stored), tree_leaves(expected)))
-        slot += -(-(len(e) + 1 + (not e.is_terminated and (len(e) + 1) % HORIZON != 0)) // HORIZON) * HORIZON
-    assert slot == len(mask)
+    mask = batch[Columns.LOSS_MASK].reshape(-1, HORIZON)
+    resets = batch[STATE_RESETS].reshape(-1, HORIZON)
+    assert int(mask.sum()) == sum(len(e) for e in episodes)
+    assert mask.any(dim=1).all()  # no row without a trained step (a minibatch of such rows cannot normalize)
+    assert not resets[:, 1:].any() and int(resets[:, 0].sum()) == sum(e.t_started == 0 for e in episodes)
+    # the stored input state of a step is the output state of the step before (RLlib's STATE_OUT)
+    e = next(e for e in episodes if e.t_started > 0 and len(e) > 1)
+    outs = e.get_extra_model_outputs(Columns.STATE_OUT)
+    obs = batch[Columns.OBS]
+    slot = next(i for i in range(len(obs)) if np.array_equal(obs[i].numpy(), e.get_observations(1)))
+    for a, b in zip(tree_leaves(batch[Columns.STATE_IN]), tree_leaves(outs)):
+        assert np.array_equal(a[slot].numpy(), b[0])
+
+
+@pytest.mark.parametrize("terminated", [True, False])
+def test_chunk_filling_whole_rows_keeps_its_last_advantage(terminated):
+    """``L = 2 * horizon`` steps: the last row covers the chunk's last ``horizon`` slots (not only the
+    masked ``o_L``), so the last step's advantage is ``r - V`` (terminated) or ``r + gamma V(o_L) - V``."""
+    learner = recurrent_config().build_learner(env=gym.make(ENV))
+    module = learner.module[DEFAULT_MODULE_ID].unwrapped()
+    ppo = metta_settings(learner.config)[0]
+    chunk = _stateful_episode(module, length=2 * HORIZON, terminated=terminated, seed=5)
+    batch = MettaLayoutConnector(ppo=ppo, horizon=HORIZON)(rl_module=learner.module, batch={}, episodes=[chunk])
+    batch = batch[DEFAULT_MODULE_ID]
+    mask = batch[Columns.LOSS_MASK].reshape(-1, HORIZON)
+    assert mask.shape[0] == 3 and int(mask.sum()) == 2 * HORIZON and mask.any(dim=1).all()
+    last = int(torch.nonzero(batch[Columns.LOSS_MASK]).max())
+    values, reward = batch[Columns.VF_PREDS], float(chunk.get_rewards()[-1])
+    bootstrap = 0.0 if terminated else ppo.gamma * float(values[last + 1])
+    torch.testing.assert_close(float(batch[Columns.ADVANTAGES][last]), reward + bootstrap - float(values[last]))
 
 
 def test_rows_reproduce_the_rollout_log_probs(sample):
