@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from metta_core.errors import MettaError
 from metta_core.recurrent import zero_where_reset
-from metta_core.run import build_policy
+from metta_core.recurrent_policy import RecurrentActorCritic
 
 STATE_RESETS = "metta_state_resets"
 """Batch column: ``dones[t] or truncateds[t]`` per slot (SPEC §6), bool; zeroes the state before step t."""
@@ -145,10 +145,10 @@ def flat_outputs(module, rows: Mapping[str, Any], fwd_out: Mapping[str, Any]) ->
 class MettaRecurrentModule(TorchRLModule, ValueFunctionAPI):
     """``RecurrentActorCritic`` (LSTM or GRU, Metta's init, SPEC §6) as an RLlib ``TorchRLModule``.
 
-    ``model_config``: ``hidden_size`` (128), ``cell`` (``"lstm"`` or ``"gru"``), ``seed`` (the
-    parameters are drawn as ``metta_core.run.build_policy`` draws them after
-    ``torch.manual_seed(seed)``, so the core's run with that seed starts from the same weights) and
-    ``max_seq_len`` (must equal the trainer's ``bptt_horizon``). The state is a dict of the core's
+    ``model_config``: ``hidden_size`` (128), ``cell`` (``"lstm"`` or ``"gru"``), ``num_layers`` (1),
+    ``shared_core`` (False), ``seed`` (the parameters are drawn after ``torch.manual_seed(seed)``, as
+    ``metta_core.run.build_policy`` draws them, so the core's run with that seed starts from the same
+    weights) and ``max_seq_len`` (must equal the trainer's ``bptt_horizon``). The state is a dict of the core's
     stored-state fields (``actor_lstm_h``, ``actor_lstm_c``, ``critic_lstm_h``, ...), each
     ``[layers, hidden]`` per agent; the forward is the core's unroll over ``[rows, T]`` from
     ``Columns.STATE_IN`` with ``STATE_RESETS`` (when given) zeroing the state before a step.
@@ -156,11 +156,14 @@ class MettaRecurrentModule(TorchRLModule, ValueFunctionAPI):
     """
 
     def setup(self) -> None:
-        cell = self.model_config.get("cell", "lstm")
+        config = self.model_config
         with torch.random.fork_rng():
-            torch.manual_seed(int(self.model_config.get("seed", 0)))
-            self.net = build_policy(cell, self.observation_space, self.action_space,
-                                    int(self.model_config.get("hidden_size", 128)))
+            torch.manual_seed(int(config.get("seed", 0)))
+            self.net = RecurrentActorCritic(
+                self.observation_space, self.action_space, int(config.get("hidden_size", 128)),
+                num_layers=int(config.get("num_layers", 1)), cell=config.get("cell", "lstm"),
+                shared_core=bool(config.get("shared_core", False)),
+            )
         setattr(self, ZEROES_STATE_ON_RESETS, True)
 
     def get_initial_state(self) -> dict[str, torch.Tensor]:
