@@ -322,3 +322,21 @@ def test_lstm_run_with_a_remote_env_runner_saves_and_resumes(tmp_path):
             resumed.close()
     finally:
         ray.shutdown()
+
+
+def test_custom_stateful_module_carries_the_loss_through_metta_self_supervised_loss():
+    """``class M(MettaSelfSupervisedLoss, MettaRecurrentModule)``: RLlib's SelfSupervisedLossAPI path
+    in MettaPPOLearner gives the same update as the learner's own loss on the plain module."""
+    from bridges.rllib import MettaSelfSupervisedLoss
+
+    class SelfSupervised(MettaSelfSupervisedLoss, MettaRecurrentModule):
+        pass
+
+    config = recurrent_config()
+    learner, episodes = sampled(config, steps=96)
+    custom = config.rl_module(rl_module_spec=RLModuleSpec(module_class=SelfSupervised)).build_learner(env=gym.make(ENV))
+    custom.module[DEFAULT_MODULE_ID].set_state(learner.module[DEFAULT_MODULE_ID].get_state())
+    results = [l.update(episodes=episodes)[DEFAULT_MODULE_ID] for l in (learner, custom)]
+    assert float(results[0]["policy_loss"].peek()) == float(results[1]["policy_loss"].peek())
+    for a, b in zip(learner.module[DEFAULT_MODULE_ID].parameters(), custom.module[DEFAULT_MODULE_ID].parameters()):
+        assert torch.equal(a, b)
