@@ -27,7 +27,8 @@ Layout chosen here: episode chunks packed into continuous rows, like one agent's
 
 Stateful modules (SPEC §6; ``pack_chunks_stateful``): a row can start only from a stored state,
 so each episode chunk starts a row of its own (as RLlib's ``AddTimeDimToBatchAndZeroPad`` starts a
-sequence per chunk) and masked padding closes its last row. Every slot carries the state the env
+sequence per chunk) and masked padding closes its last row (a chunk whose steps fill whole rows
+ends with a row over its last ``horizon`` slots instead of a row of masked slots only). Every slot carries the state the env
 runner fed into that step (``Columns.STATE_IN``: the chunk's lookback ``STATE_OUT``, or the
 module's initial state at an episode's first step, then ``STATE_OUT`` of the step before), and
 ``STATE_RESETS`` is True on an episode's first slot (``bridges.rllib.recurrent``). A truncated
