@@ -172,6 +172,13 @@ class MettaRecurrentModule(TorchRLModule, ValueFunctionAPI):
     def _features(self, batch: Mapping[str, Any]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """Each trunk's ``[rows, T, 2 * hidden]`` features and the state after the last step."""
         obs = batch[Columns.OBS]
+        if obs.dim() != 2 + len(self.net.obs_shape):
+            raise MettaError(
+                f"MettaRecurrentModule: {Columns.OBS!r} has shape {tuple(obs.shape)}, expected [rows, T, "
+                f"{', '.join(map(str, self.net.obs_shape))}] (RLlib's sequence input with {Columns.STATE_IN!r}); a "
+                f"stock Learner runs forward_train on flat Metta-layout slots: train stateful modules with "
+                f"MettaPPOLearner (metta_ppo_config)"
+            )
         rows, steps = obs.shape[:2]
         x = obs.reshape(rows, steps, -1).float()
         resets = batch.get(STATE_RESETS)

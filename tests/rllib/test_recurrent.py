@@ -340,3 +340,13 @@ def test_custom_stateful_module_carries_the_loss_through_metta_self_supervised_l
     assert float(results[0]["policy_loss"].peek()) == float(results[1]["policy_loss"].peek())
     for a, b in zip(learner.module[DEFAULT_MODULE_ID].parameters(), custom.module[DEFAULT_MODULE_ID].parameters()):
         assert torch.equal(a, b)
+
+
+def test_flat_slots_into_the_recurrent_module_name_the_fix():
+    """What a stock Learner would do with a Metta-layout batch: a clear error, not a shape error deep inside."""
+    module = MettaRecurrentModule(observation_space=gym.spaces.Box(-1, 1, (4,), np.float32),
+                                  action_space=gym.spaces.Discrete(2), model_config={"hidden_size": HIDDEN})
+    flat = {Columns.OBS: torch.zeros(16, 4), Columns.STATE_IN: tree_map(lambda s: s.expand(16, *s.shape),
+                                                                        module.get_initial_state())}
+    with pytest.raises(MettaError, match=r"'obs' has shape \(16, 4\), expected \[rows, T, 4\].*MettaPPOLearner"):
+        module.forward_train(flat)
