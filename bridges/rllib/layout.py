@@ -56,7 +56,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.utils.annotations import override
 
-from bridges.rllib.recurrent import STATE_RESETS, row_batch
+from bridges.rllib.recurrent import STATE_RESETS, ZERO_STATE_KEY, row_batch
 from metta_core.advantage import compute_advantage, flag_problem, flag_violation
 from metta_core.config import PPOConfig
 from metta_core.errors import MettaError
@@ -278,17 +278,19 @@ def pack_chunks_at(episodes: list, chunks: list, starts: list[int], total: int) 
     }
 
 
-def _stored_input_states(episode, module) -> Any:
+def _stored_input_states(episode, module, zero_at_start: bool) -> Any:
     """The input state of each of the chunk's ``L + 1`` slots, a tree of ``[L + 1, ...]`` arrays:
     the state before step 0 (the module's initial state at an episode's start, else the lookback
-    ``STATE_OUT``), then ``STATE_OUT`` of steps ``0 .. L-1``."""
+    ``STATE_OUT``; zeros with ``zero_at_start``), then ``STATE_OUT`` of steps ``0 .. L-1``."""
     if Columns.STATE_OUT not in episode.extra_model_outputs:
         raise MettaError(
             f"MettaLayoutConnector: episode {episode.id_!r} has no extra model output {Columns.STATE_OUT!r}, but "
             f"{type(module).__name__} is stateful; its forward must return {Columns.STATE_OUT!r} (RLlib stores it "
             f"with every step and the Metta layout keeps it as each step's stored input state, SPEC §6)"
         )
-    if episode.t_started == 0:
+    if zero_at_start:
+        before = tree.map_structure(lambda s: np.zeros(np.shape(s), np.float32), module.get_initial_state())
+    elif episode.t_started == 0:
         before = tree.map_structure(lambda s: np.asarray(s, dtype=np.float32), module.get_initial_state())
     else:
         before = episode.get_extra_model_outputs(key=Columns.STATE_OUT, indices=-1, neg_index_as_lookback=True)
@@ -302,8 +304,11 @@ BOOTSTRAP_SLOTS = "_metta_bootstrap_slots"
 """Key (in ``pack_chunks_stateful``'s output only) of the slots ``L`` whose next slot gets ``V(o_L)`` as reward."""
 
 
-def pack_chunks_stateful(episodes: list, horizon: int, module) -> dict[str, Any] | None:
+def pack_chunks_stateful(episodes: list, horizon: int, module, zero_at_start: bool = False) -> dict[str, Any] | None:
     """Each chunk starts a row (see module docstring); ``None`` if no chunk has a step.
+
+    ``zero_at_start``: every chunk's first step was run from zeros (``zero_state_at_rollout_start``);
+    its stored state is zeros and ``STATE_RESETS`` is True there.
 
     Columns of ``pack_chunks`` plus ``Columns.STATE_IN`` (a tree of ``[slots, ...]`` float32 arrays)
     and ``STATE_RESETS``; ``BOOTSTRAP_SLOTS`` lists the slot ``L`` of each truncated chunk that is
@@ -318,7 +323,7 @@ def pack_chunks_stateful(episodes: list, horizon: int, module) -> dict[str, Any]
     if not episodes:
         return None
     chunks = [_episode_arrays(episode) for episode in episodes]
-    states = [_stored_input_states(episode, module) for episode in episodes]
+    states = [_stored_input_states(episode, module, zero_at_start) for episode in episodes]
     starts, sizes, end = [], [], 0
     for episode, (obs, *_) in zip(episodes, chunks):
         starts.append(end)
@@ -329,7 +334,7 @@ def pack_chunks_stateful(episodes: list, horizon: int, module) -> dict[str, Any]
     stream[STATE_RESETS] = np.zeros(end + 1, dtype=bool)
     stream[Columns.STATE_IN] = tree.map_structure(lambda s: np.zeros((end + 1, *s.shape[1:]), np.float32), states[0])
     for s, episode, state in zip(starts, episodes, states):
-        stream[STATE_RESETS][s] = episode.t_started == 0
+        stream[STATE_RESETS][s] = zero_at_start or episode.t_started == 0
         for column, stored in zip(tree.flatten(stream[Columns.STATE_IN]), tree.flatten(state)):
             column[s : s + len(stored)] = stored
     for b in bootstraps:
@@ -400,18 +405,21 @@ class MettaLayoutConnector(ConnectorV2):
     Output columns: ``LAYOUT_COLUMNS``, tensors on the module's device, rows as documented above.
     """
 
-    def __init__(self, input_observation_space=None, input_action_space=None, *, ppo: PPOConfig, horizon: int):
+    def __init__(self, input_observation_space=None, input_action_space=None, *, ppo: PPOConfig, horizon: int,
+                 zero_state_at_rollout_start: bool = False):
         super().__init__(input_observation_space, input_action_space)
         self.ppo = ppo
         self.horizon = horizon
+        self.zero_state_at_rollout_start = zero_state_at_rollout_start
 
     @classmethod
     def from_config(cls, config) -> "MettaLayoutConnector":
         """Build from an ``AlgorithmConfig`` made by ``bridges.rllib.metta_ppo_config``."""
-        from bridges.rllib.config import metta_settings
+        from bridges.rllib.config import METTA_KEY, metta_settings
 
         ppo, trainer = metta_settings(config)
-        return cls(ppo=ppo, horizon=trainer.bptt_horizon)
+        zero = bool(config.learner_config_dict[METTA_KEY].get(ZERO_STATE_KEY, False))
+        return cls(ppo=ppo, horizon=trainer.bptt_horizon, zero_state_at_rollout_start=zero)
 
     @override(ConnectorV2)
     def __call__(self, *, rl_module, batch: dict[str, Any], episodes: list, **kwargs) -> Any:
@@ -424,7 +432,7 @@ class MettaLayoutConnector(ConnectorV2):
                 continue
             episodes = by_module.get(module_id, [])
             if module.is_stateful():
-                columns = pack_chunks_stateful(episodes, self.horizon, module)
+                columns = pack_chunks_stateful(episodes, self.horizon, module, self.zero_state_at_rollout_start)
             else:
                 columns = pack_chunks(episodes, self.horizon)
             batch[module_id] = self.finish(module, empty_slots(module, 0) if columns is None else columns)

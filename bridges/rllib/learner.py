@@ -100,9 +100,7 @@ class MettaPPOLearner(TorchLearner):
         if self._learner_connector is not None and not any(
             isinstance(c, MettaLayoutConnector) for c in self._learner_connector.connectors
         ):
-            self._learner_connector.append(
-                MettaLayoutConnector(ppo=self._metta_ppo, horizon=self._metta_trainer.bptt_horizon)
-            )
+            self._learner_connector.append(MettaLayoutConnector.from_config(self.config))
         for module_id in self.module.keys():
             module = self.module[module_id].unwrapped()
             if module.is_stateful():

@@ -25,8 +25,10 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.distribution.torch.torch_distribution import TorchCategorical, TorchDiagGaussian
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
+from ray.rllib.utils import force_list
 from torch.utils._pytree import tree_flatten, tree_map
 
+from bridges.rllib.config import METTA_KEY
 from metta_core.errors import MettaError
 from metta_core.recurrent import zero_where_reset
 from metta_core.recurrent_policy import RecurrentActorCritic
@@ -140,6 +142,29 @@ def flat_outputs(module, rows: Mapping[str, Any], fwd_out: Mapping[str, Any]) ->
     }
     out[Columns.VF_PREDS] = values.reshape(-1)
     return out
+
+
+ZERO_STATE_KEY = "zero_state_at_rollout_start"
+"""Key in ``learner_config_dict["metta"]``: set by ``zero_state_at_rollout_start(config)``."""
+
+
+def zero_next_input_state(*, env_runner, **kwargs) -> None:
+    """``on_sample_end`` callback: the input state the env runner prepared for the next ``sample()``'s
+    first step (``SingleAgentEnvRunner._cached_to_module``, computed before the episodes are cut) is
+    zeroed, as Metta zeroes every agent's state at a rollout's start (``reset_memory``)."""
+    cached = getattr(env_runner, "_cached_to_module", None)
+    if isinstance(cached, dict) and Columns.STATE_IN in cached:
+        cached[Columns.STATE_IN] = tree_map(torch.zeros_like, cached[Columns.STATE_IN])
+
+
+def zero_state_at_rollout_start(config):
+    """Make a single-agent ``metta_ppo_config`` start every rollout (``sample()`` call; one per learner
+    batch and env runner with ``rollout_fragment_length="auto"``) from zero states, as Metta does,
+    where RLlib carries a continuing episode's state: ``zero_next_input_state`` runs at the end of each
+    ``sample()`` and ``MettaLayoutConnector`` stores zeros as every chunk's first input state."""
+    config.callbacks(on_sample_end=[*force_list(config.callbacks_on_sample_end), zero_next_input_state])
+    config.learner_config_dict[METTA_KEY][ZERO_STATE_KEY] = True
+    return config
 
 
 class MettaRecurrentModule(TorchRLModule, ValueFunctionAPI):

@@ -350,3 +350,31 @@ def test_flat_slots_into_the_recurrent_module_name_the_fix():
                                                                         module.get_initial_state())}
     with pytest.raises(MettaError, match=r"'obs' has shape \(16, 4\), expected \[rows, T, 4\].*MettaPPOLearner"):
         module.forward_train(flat)
+
+
+@pytest.mark.parametrize("module_kind", ["metta", "use_lstm"])
+def test_zero_state_at_rollout_start_is_metta_rollout_rule_on_both_sides(module_kind):
+    """``zero_state_at_rollout_start``: the env runner runs the first step of a continuing chunk from
+    zeros (Metta's reset_memory at a rollout's start) and the layout stores zeros there, so the rows
+    reproduce the rollout's log-probs; reading the lookback state instead (RLlib's carry) does not."""
+    from bridges.rllib.recurrent import zero_state_at_rollout_start
+
+    config = zero_state_at_rollout_start(recurrent_config(module_kind))
+    learner, episodes = sampled(config, scramble=True)
+    assert any(e.t_started > 0 for e in episodes)
+    module = learner.module[DEFAULT_MODULE_ID].unwrapped()
+
+    def max_logp_error(zero: bool) -> float:
+        batch = MettaLayoutConnector(ppo=PPOConfig(), horizon=HORIZON, zero_state_at_rollout_start=zero)(
+            rl_module=learner.module, batch={}, episodes=episodes)[DEFAULT_MODULE_ID]
+        rows = row_batch(module, batch, HORIZON, where="test")
+        with torch.no_grad():
+            out = flat_outputs(module, rows, module.forward_train(rows))
+        logp = module.get_train_action_dist_cls().from_logits(out[Columns.ACTION_DIST_INPUTS]).logp(
+            batch[Columns.ACTIONS])
+        mask = batch[Columns.LOSS_MASK]
+        return float((logp[mask] - batch[Columns.ACTION_LOGP][mask]).abs().max())
+
+    assert MettaLayoutConnector.from_config(config).zero_state_at_rollout_start
+    assert max_logp_error(zero=True) < 1e-5
+    assert max_logp_error(zero=False) > 1e-3
