@@ -2,13 +2,15 @@
 
 SPEC §6 on RLlib. A stateful module's Metta-layout batch carries, per slot, the stored input state
 ``Columns.STATE_IN`` (a tree of ``[slots, ...]`` tensors, the state the env runner fed into that
-step) and ``MettaColumns.STATE_RESETS`` (``dones or truncateds`` of SPEC §6, bool ``[slots]``).
+step) and ``STATE_RESETS`` (``dones or truncateds`` of SPEC §6, bool ``[slots]``).
 The module runs on whole ``[rows, horizon]`` rows: ``Columns.STATE_IN`` of column 0 (zeroed where
 column 0 resets) starts the row, as RLlib's ``AddStatesFromEpisodesToBatch`` starts each
 ``max_seq_len`` sequence, and the module steps through the row with gradients (RLlib's own forward;
 no state is refreshed). A reset after column 0 can only be honoured by a module that zeroes its state
 itself (``MettaRecurrentModule``; ``ZEROES_STATE_ON_RESETS``); ``MettaLayoutConnector`` never makes
 one (each episode chunk starts a row), a hand-made batch for another module is refused.
+RLlib carries a continuing episode's state into the next ``sample()``; ``zero_state_at_rollout_start``
+zeroes it there, as Metta's ``reset_memory`` does at each rollout's start.
 
 ``MettaRecurrentModule`` is ``metta_core.recurrent_policy.RecurrentActorCritic`` as an RLlib module
 (same parameters and names under ``net.``, same init, the core's unroll); the CLI's ``--policy
