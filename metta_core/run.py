@@ -137,7 +137,7 @@ class TrainArgs:
         if self.policy != "mlp" and self.framework == "torchrl":
             raise MettaError(
                 f"--policy {self.policy} is not supported by the {self.framework} bridge yet (recurrent policies "
-                f"train in the core only, issue 12); use --framework core, or --policy mlp"
+                f"train in the core and the rllib bridge, issue 12); use --framework core or rllib, or --policy mlp"
             )
         if is_mettagrid(self.env):
             check_mettagrid_id(self.env, "--env")
