@@ -101,9 +101,15 @@ class RecurrentTrunk(nn.Module):
                     f"a policy of another size: rebuild the Experience from this policy's spec"
                 )
             stored.append(td[key][:, 0].transpose(0, 1).contiguous())
+        return self.unroll_features(x, tuple(stored), reset)[0]
+
+    def unroll_features(self, x: Tensor, stored: RecurrentState, reset: Tensor) -> tuple[Tensor, RecurrentState]:
+        """``unroll`` of ``[rows, horizon, features]`` inputs from ``stored`` (each ``[layers, rows,
+        hidden]``) with ``reset`` ``[rows, horizon]``: ``([rows, horizon, 2 * hidden]`` features (encoder
+        output and cell output), the state after the last column)."""
         encoded = self.encoder(x)
-        y, _ = unroll(self.core, encoded, tuple(stored), reset, fused=self.fused_unroll)
-        return torch.cat([encoded, y], dim=-1)
+        y, state = unroll(self.core, encoded, stored, reset, fused=self.fused_unroll)
+        return torch.cat([encoded, y], dim=-1), state
 
 
 class RecurrentActorCritic(nn.Module):

@@ -126,7 +126,7 @@ def _output_paths(ns: argparse.Namespace) -> list[tuple[Path, str]]:
     return paths
 
 
-NATIVE_CASES = ("defaults_discrete_mlp", "continuous_mlp")
+NATIVE_CASES = ("defaults_discrete_mlp", "continuous_mlp", "lstm_discrete_dones_truncations")
 """Cases the native equivalence matrix is built from."""
 
 

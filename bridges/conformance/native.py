@@ -53,6 +53,8 @@ MAPPING = (
     "| `gamma`, `gae_lambda` | `GAE(gamma, lmbda)` | `gamma`, `lambda_` |",
     "| `target_kl` | none (stop in the caller) | `use_kl_loss=False`; no stop |",
     "| `prio_alpha = 0`, no priority weights | none | none |",
+    "| recurrent: row from column 0's stored state, zeroed at `dones` | - | `MettaRecurrentModule`; episodes split at "
+    "`dones`, a row that starts inside an episode has a lookback `STATE_OUT` = the stored state; `max_seq_len = T + 1` |",
 )
 """The settings and data mapping, as Markdown table lines."""
 
@@ -109,25 +111,30 @@ def _merge(base: dict, updates: dict) -> dict:
 
 
 def _current(case: Case) -> tuple[np.ndarray, np.ndarray]:
-    """Log-probs of the stored actions and values under the case's initial weights, ``[S, T]`` each."""
+    """Log-probs of the stored actions and values under the case's initial weights, ``[S, T]`` each
+    (a recurrent policy unrolls each row from its stored state, SPEC §6)."""
     s, t = case.data["values"].shape
-    actions = torch.from_numpy(case.data["actions"]).reshape(s * t, *case.data["actions"].shape[2:])
+    params = {k: torch.from_numpy(v) for k, v in case.weights.items()}
     with torch.no_grad():
-        logprob, _, value = reference.policy_forward({k: torch.from_numpy(v) for k, v in case.weights.items()},
-                                                     case.config["policy"],
-                                                     torch.from_numpy(case.data["env_obs"]).reshape(s * t, -1), actions)
+        if case.policy_kind != "mlp":
+            logprob, _, value = reference.recurrent_policy_forward(params, case.config["policy"], case.tensors())
+        else:
+            actions = torch.from_numpy(case.data["actions"]).reshape(s * t, *case.data["actions"].shape[2:])
+            logprob, _, value = reference.policy_forward(params, case.config["policy"],
+                                                         torch.from_numpy(case.data["env_obs"]).reshape(s * t, -1),
+                                                         actions)
     return logprob.numpy().reshape(s, t), value.numpy().reshape(s, t)
 
 
 def equivalence_problem(case: Case, ratio_noise: float = 0.3, seed: int = 0) -> Problem:
     """The case's observations, actions, rewards and terminals under the equivalence mapping (module docstring)."""
-    logprob, value = _current(case)
-    rng = np.random.default_rng(seed)
     final_obs = np.concatenate([case.data["env_obs"][:, 1:], case.data["env_obs"][:, -1:]], axis=1)
-    problem = Problem(case, final_obs)
+    problem = Problem(case, final_obs).edit(data={"truncateds": np.zeros_like(case.data["values"])})
+    logprob, value = _current(problem.case)
+    rng = np.random.default_rng(seed)
     return problem.edit(
         data={"act_log_prob": (logprob - np.abs(rng.normal(0.0, ratio_noise, logprob.shape))).astype(np.float32),
-              "values": value, "truncateds": np.zeros_like(value)},
+              "values": value},
         ppo={"vtrace": {"rho_clip": 1.0, "c_clip": 1.0}, "target_kl": None,
              "prioritized_experience_replay": {"prio_alpha": 0.0}},
     )
@@ -215,10 +222,14 @@ def rllib_episodes(problem: Problem) -> list:
     d = problem.case.data
     params = {k: torch.from_numpy(v) for k, v in problem.case.weights.items()}
     s_count, horizon = d["values"].shape
+    recurrent = problem.case.policy_kind != "mlp"
     with torch.no_grad():
-        inputs = reference.layers_forward(torch.from_numpy(d["env_obs"]), params, "actor")
-        if "log_std" in params:
-            inputs = torch.cat([inputs, params["log_std"].expand_as(inputs)], dim=-1)
+        if recurrent:
+            inputs = _recurrent_dist_inputs(problem.case)
+        else:
+            inputs = reference.layers_forward(torch.from_numpy(d["env_obs"]), params, "actor")
+            if "log_std" in params:
+                inputs = torch.cat([inputs, params["log_std"].expand_as(inputs)], dim=-1)
     episodes = []
     for s in range(s_count):
         start = 0
@@ -230,23 +241,70 @@ def rllib_episodes(problem: Problem) -> list:
             steps = range(start, t + 1)
             rewards = [float(d["rewards"][s, k + 1]) for k in steps if k < t] + \
                       [float(d["values"][s, t] if last else d["rewards"][s, t + 1])]
+            columns = {
+                "observations": [d["env_obs"][s, k] for k in steps] + [problem.final_obs[s, t]],
+                "actions": [d["actions"][s, k] for k in steps], "rewards": rewards,
+                "extra_model_outputs": {Columns.ACTION_LOGP: [d["act_log_prob"][s, k] for k in steps],
+                                        Columns.ACTION_DIST_INPUTS: [inputs[s, k].numpy() for k in steps]},
+            }
+            lookback = 0
+            if recurrent:  # RLlib's stored states: zeros at an episode's start, else the row's stored state
+                # STATE_OUT of step k = the stored input state of step k + 1 (read only at sequence starts)
+                columns["extra_model_outputs"][Columns.STATE_OUT] = [
+                    {key: d[key][s, min(k + 1, horizon - 1)] for key in problem.case.state_keys} for k in steps]
+                if start == 0 and not d["dones"][s, 0]:  # the row starts inside an episode
+                    lookback = 1
+                    columns["observations"].insert(0, d["env_obs"][s, 0])
+                    columns["actions"].insert(0, d["actions"][s, 0])
+                    columns["rewards"].insert(0, 0.0)
+                    for key, value in ((Columns.ACTION_LOGP, 0.0), (Columns.ACTION_DIST_INPUTS, inputs[s, 0].numpy()),
+                                       (Columns.STATE_OUT, {key: d[key][s, 0] for key in problem.case.state_keys})):
+                        columns["extra_model_outputs"][key].insert(0, value)
             episodes.append(SingleAgentEpisode(
-                observations=[d["env_obs"][s, k] for k in steps] + [problem.final_obs[s, t]],
-                actions=[d["actions"][s, k] for k in steps], rewards=rewards,
-                extra_model_outputs={Columns.ACTION_LOGP: [d["act_log_prob"][s, k] for k in steps],
-                                     Columns.ACTION_DIST_INPUTS: [inputs[s, k].numpy() for k in steps]},
-                terminated=bool(last or d["dones"][s, t + 1]), truncated=not (last or d["dones"][s, t + 1]),
-                len_lookback_buffer=0,
+                **columns, terminated=bool(last or d["dones"][s, t + 1]), truncated=not (last or d["dones"][s, t + 1]),
+                len_lookback_buffer=lookback, t_started=lookback,
             ).to_numpy())
             start = t + 1
     return episodes
 
 
-def rllib(problem: Problem, *, vf_clip_param: float = math.inf) -> dict[str, Any]:
+def _recurrent_module(case: Case, max_seq_len: int):
+    """``RLModuleSpec`` of the bridge's ``MettaRecurrentModule`` for a recurrent case."""
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from bridges.rllib.recurrent import MettaRecurrentModule
+
+    policy = case.config["policy"]
+    return RLModuleSpec(module_class=MettaRecurrentModule, model_config={
+        "cell": case.policy_kind, "hidden_size": policy["hidden_size"], "num_layers": policy["num_layers"],
+        "shared_core": policy["shared_core"], "max_seq_len": max_seq_len})
+
+
+def _recurrent_dist_inputs(case: Case) -> torch.Tensor:
+    """``[S, T, ...]`` action distribution inputs of the case's rows (stored state of column 0, resets
+    at ``dones``): what RLlib's env runner would have stored."""
+    from ray.rllib.core.columns import Columns
+
+    from bridges.conformance.runners import spaces
+    from bridges.rllib.recurrent import STATE_RESETS
+
+    obs_space, act_space = spaces(case)
+    spec = _recurrent_module(case, case.trainer.bptt_horizon)
+    module = spec.module_class(observation_space=obs_space, action_space=act_space, model_config=spec.model_config)
+    module.net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in case.weights.items()})
+    d = case.tensors()
+    rows = {Columns.OBS: d["env_obs"], STATE_RESETS: d["dones"] > 0,
+            Columns.STATE_IN: {key: d[key][:, 0] for key in case.state_keys}}
+    return module.forward_train(rows)[Columns.ACTION_DIST_INPUTS]
+
+
+def rllib(problem: Problem, *, vf_clip_param: float = math.inf, max_seq_len: int | None = None) -> dict[str, Any]:
     """RLlib's ``PPOTorchLearner`` (default learner connectors, GAE) for one update on the problem.
 
     Values are the learner's metrics at the initial weights, mapped to Metta's definitions
-    (``value_loss = vf_loss / 2``); RLlib's update exposes no gradients.
+    (``value_loss = vf_loss / 2``); RLlib's update exposes no gradients. A recurrent case runs the
+    bridge's ``MettaRecurrentModule`` through RLlib's stateful pipeline (``AddStatesFromEpisodesToBatch``,
+    ``AddTimeDimToBatchAndZeroPad``), ``max_seq_len`` ``T + 1`` by default (one sequence per episode).
     """
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core import DEFAULT_MODULE_ID
@@ -264,9 +322,13 @@ def rllib(problem: Problem, *, vf_clip_param: float = math.inf) -> dict[str, Any
                   entropy_coeff=ppo["ent_coef"], vf_loss_coeff=0.5 * ppo["vf_coef"], vf_clip_param=vf_clip_param,
                   use_kl_loss=False, kl_coeff=0.0, lr=1e-3, grad_clip=None, train_batch_size_per_learner=n,
                   minibatch_size=n, num_epochs=1, shuffle_batch_per_epoch=False)
-        .rl_module(rl_module_spec=RLModuleSpec(module_class=ActorCriticModule,
-                                               model_config={"hidden": list(problem.case.config["policy"]["hidden"])}))
     )
+    if problem.case.policy_kind != "mlp":  # one sequence per episode (one extra timestep each)
+        seq = problem.case.trainer.bptt_horizon + 1 if max_seq_len is None else max_seq_len
+        config = config.rl_module(rl_module_spec=_recurrent_module(problem.case, seq))
+    else:
+        config = config.rl_module(rl_module_spec=RLModuleSpec(
+            module_class=ActorCriticModule, model_config={"hidden": list(problem.case.config["policy"]["hidden"])}))
     learner = config.build_learner(spaces={DEFAULT_MODULE_ID: spaces(problem.case)})
     module = learner.module[DEFAULT_MODULE_ID].unwrapped()
     module.net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in problem.case.weights.items()})
@@ -311,8 +373,26 @@ def _row(framework: str, name: str, case: str, items: tuple[str, ...], compute: 
     return row
 
 
+def recurrent_matrix(case: Case) -> list[Row]:
+    """A recurrent case: RLlib's stateful PPO path (``use_lstm``'s connectors) with the bridge's
+    ``MettaRecurrentModule`` against Metta's stored-state rows (SPEC §6)."""
+    base = equivalence_problem(case).edit(ppo={"clip_vloss": False})
+    items = ("value_loss", "entropy")
+    horizon = case.trainer.bptt_horizon
+    return [
+        _row("rllib", "equivalent: PPO with a stateful module (use_lstm's pipeline), value_loss and entropy "
+             "(norm_adv=True, clip_vloss=False)", case.name, items, lambda: (metta(base), rllib(base)),
+             equivalent=True),
+        _row("rllib", f"state: max_seq_len={horizon // 2} < bptt_horizon restarts each sequence from the stored "
+             "STATE_OUT (Metta unrolls the row from column 0's stored state)", case.name, items,
+             lambda: (metta(base), rllib(base, max_seq_len=horizon // 2)), piece="unroll"),
+    ]
+
+
 def matrix(case: Case) -> list[Row]:
     """Equivalence rows (must agree) and divergence probes (sizes), on problems built from ``case``."""
+    if case.policy_kind != "mlp":
+        return recurrent_matrix(case)
     base = equivalence_problem(case)
     name = case.name
     scalars = ("policy_loss", "value_loss", "entropy")

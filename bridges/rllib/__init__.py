@@ -18,6 +18,7 @@ _EXPORTS = {
     "MettaLayoutConnector": "bridges.rllib.layout",
     "check_metta_batch": "bridges.rllib.layout",
     "MettaPPOLearner": "bridges.rllib.learner",
+    "MettaRecurrentModule": "bridges.rllib.recurrent",
     "MettaSelfSupervisedLoss": "bridges.rllib.loss",
     "metta_loss_terms": "bridges.rllib.loss",
     "metta_ppo_config": "bridges.rllib.config",

@@ -28,7 +28,8 @@ experience_replay.*``,
 ``batch_size``                 ``train_batch_size_per_learner`` env steps per learner and update
 ``minibatch_size``             ``minibatch_size``               env steps per minibatch
 ``update_epochs``              ``num_epochs``                   passes per update
-``bptt_horizon``               (none)                           columns of a row (segment)
+``bptt_horizon``               ``model_config["max_seq_len"]``  columns of a row; a stateful module
+                                                                must have max_seq_len == it
 ``max_minibatch_size``,        (none)                           accumulation; beta annealing
 ``total_timesteps``
 =============================  ===============================  ==================================
@@ -107,6 +108,7 @@ def metta_ppo_config(env: Any = None, **metta_fields: Any) -> RLlibPPOConfig:
         use_gae=True,
         shuffle_batch_per_epoch=False,
     )
+    config.rl_module(model_config={"max_seq_len": trainer.bptt_horizon})  # a stateful module's rows (SPEC §6)
     config.learners(
         learner_class=MettaPPOLearner,
         add_default_connectors_to_learner_pipeline=False,

@@ -25,6 +25,17 @@ Layout chosen here: episode chunks packed into continuous rows, like one agent's
   which chunk followed which on the same sub-environment, so the rows are not Metta's exact
   per-agent streams; the advantages of every valid slot are the same as in such a stream.
 
+Stateful modules (SPEC §6; ``pack_chunks_stateful``): a row can start only from a stored state,
+so each episode chunk starts a row of its own (as RLlib's ``AddTimeDimToBatchAndZeroPad`` starts a
+sequence per chunk) and masked padding closes its last row (a chunk whose steps fill whole rows
+ends with a row over its last ``horizon`` slots instead of a row of masked slots only). Every slot carries the state the env
+runner fed into that step (``Columns.STATE_IN``: the chunk's lookback ``STATE_OUT``, or the
+module's initial state at an episode's first step, then ``STATE_OUT`` of the step before), and
+``STATE_RESETS`` is True on an episode's first slot (``bridges.rllib.recurrent``). A truncated
+chunk whose slot ``L`` does not land in a row's last column is followed by one masked terminal slot
+(``done = 1``) whose reward is the bootstrap value ``V(o_L)``: then ``A[L] = 0`` exactly, as in a
+row's last column (the recursion's ``delta_L = V(o_L) + 0 - V(o_L)``).
+
 ``Columns.ADVANTAGES`` holds the first-pass advantages ``A0`` (``compute_advantage`` with ratio 1,
 zero on masked slots); ``Columns.VF_PREDS`` the values of the module before the update.
 """
@@ -38,12 +49,14 @@ from typing import Any, Mapping
 import gymnasium as gym
 import numpy as np
 import torch
+import tree  # dm_tree, RLlib's own dependency: nested states
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.utils.annotations import override
 
+from bridges.rllib.recurrent import STATE_RESETS, ZERO_STATE_KEY, row_batch
 from metta_core.advantage import compute_advantage, flag_problem, flag_violation
 from metta_core.config import PPOConfig
 from metta_core.errors import MettaError
@@ -229,7 +242,13 @@ def pack_chunks(episodes: list, horizon: int) -> dict[str, np.ndarray] | None:
             end += -(end + len(obs)) % horizon
         starts.append(end)
         end += len(obs)
-    total = -(-end // horizon) * horizon
+    return pack_chunks_at(ordered, chunks, starts, -(-end // horizon) * horizon)
+
+
+def pack_chunks_at(episodes: list, chunks: list, starts: list[int], total: int) -> dict[str, np.ndarray]:
+    """The columns of ``total`` slots with chunk ``i`` (``_episode_arrays`` of ``episodes[i]``) at slot
+    ``starts[i]``: ``obs[s:s+L+1]``, ``actions``, ``action_logp`` and the mask ``[s:s+L]``,
+    ``rewards[s+1:s+L+1]``, ``dones[s+L] = terminated``; every other slot zero (mask False)."""
 
     def zeros(i: int) -> np.ndarray:
         parts = [chunk[i] for chunk in chunks]
@@ -238,7 +257,7 @@ def pack_chunks(episodes: list, horizon: int) -> dict[str, np.ndarray] | None:
     obs_col, actions_col, rewards_col, logp_col = (zeros(i) for i in range(4))
     dones_col = np.zeros(total, dtype=np.float32)
     mask_col = np.zeros(total, dtype=bool)
-    for s, episode, (obs, actions, rewards, logp) in zip(starts, ordered, chunks):
+    for s, episode, (obs, actions, rewards, logp) in zip(starts, episodes, chunks):
         length = len(actions)
         obs_col[s : s + length + 1] = obs
         actions_col[s : s + length] = actions
@@ -247,7 +266,7 @@ def pack_chunks(episodes: list, horizon: int) -> dict[str, np.ndarray] | None:
         dones_col[s + length] = float(episode.is_terminated)
         mask_col[s : s + length] = True
     if not np.isfinite(rewards_col).all():
-        for episode, (_, _, rewards, _) in zip(ordered, chunks):
+        for episode, (_, _, rewards, _) in zip(episodes, chunks):
             _check_finite_rewards(episode, rewards)
     return {
         Columns.OBS: obs_col,
@@ -259,10 +278,90 @@ def pack_chunks(episodes: list, horizon: int) -> dict[str, np.ndarray] | None:
     }
 
 
+def _stored_input_states(episode, module, zero_at_start: bool) -> Any:
+    """The input state of each of the chunk's ``L + 1`` slots, a tree of ``[L + 1, ...]`` arrays:
+    the state before step 0 (the module's initial state at an episode's start, else the lookback
+    ``STATE_OUT``; zeros with ``zero_at_start``), then ``STATE_OUT`` of steps ``0 .. L-1``."""
+    if Columns.STATE_OUT not in episode.extra_model_outputs:
+        raise MettaError(
+            f"MettaLayoutConnector: episode {episode.id_!r} has no extra model output {Columns.STATE_OUT!r}, but "
+            f"{type(module).__name__} is stateful; its forward must return {Columns.STATE_OUT!r} (RLlib stores it "
+            f"with every step and the Metta layout keeps it as each step's stored input state, SPEC §6)"
+        )
+    if zero_at_start:
+        before = tree.map_structure(lambda s: np.zeros(np.shape(s), np.float32), module.get_initial_state())
+    elif episode.t_started == 0:
+        before = tree.map_structure(lambda s: np.asarray(s, dtype=np.float32), module.get_initial_state())
+    else:
+        before = episode.get_extra_model_outputs(key=Columns.STATE_OUT, indices=-1, neg_index_as_lookback=True)
+    outs = episode.get_extra_model_outputs(key=Columns.STATE_OUT)
+    return tree.map_structure(
+        lambda b, o: np.concatenate([np.asarray(b)[None], np.asarray(o)], axis=0).astype(np.float32), before, outs
+    )
+
+
+BOOTSTRAP_SLOTS = "_metta_bootstrap_slots"
+"""Key (in ``pack_chunks_stateful``'s output only) of the slots ``L`` whose next slot gets ``V(o_L)`` as reward."""
+
+
+def pack_chunks_stateful(episodes: list, horizon: int, module, zero_at_start: bool = False) -> dict[str, Any] | None:
+    """Each chunk starts a row (see module docstring); ``None`` if no chunk has a step.
+
+    ``zero_at_start``: every chunk's first step was run from zeros (``zero_state_at_rollout_start``);
+    its stored state is zeros and ``STATE_RESETS`` is True there.
+
+    Columns of ``pack_chunks`` plus ``Columns.STATE_IN`` (a tree of ``[slots, ...]`` float32 arrays)
+    and ``STATE_RESETS``; ``BOOTSTRAP_SLOTS`` lists the slot ``L`` of each truncated chunk that is
+    followed by its masked terminal slot (``finish`` writes ``V(o_L)`` into that slot's reward).
+    The chunks are first laid end to end (``pack_chunks_at``), then cut into rows: at ``0, h, 2h``
+    of each chunk, except that when its ``L`` steps fill whole rows (``L % h == 0``), the last row
+    would hold only masked slots (``o_L``, its terminal slot): it then covers the chunk's last ``h``
+    slots instead, starting from the stored state there, and the slots it shares with the row
+    before are trained in it (masked in the earlier row), with the terminal or bootstrap value.
+    """
+    episodes = [episode for episode in episodes if len(episode)]
+    if not episodes:
+        return None
+    chunks = [_episode_arrays(episode) for episode in episodes]
+    states = [_stored_input_states(episode, module, zero_at_start) for episode in episodes]
+    starts, sizes, end = [], [], 0
+    for episode, (obs, *_) in zip(episodes, chunks):
+        starts.append(end)
+        sizes.append(len(obs) + (not episode.is_terminated and len(obs) % horizon != 0))
+        end += sizes[-1]
+    bootstraps = [s + len(e) for s, size, e in zip(starts, sizes, episodes) if size == len(e) + 2]
+    stream = pack_chunks_at(episodes, chunks, starts, end + 1)  # slot ``end``: padding
+    stream[STATE_RESETS] = np.zeros(end + 1, dtype=bool)
+    stream[Columns.STATE_IN] = tree.map_structure(lambda s: np.zeros((end + 1, *s.shape[1:]), np.float32), states[0])
+    for s, episode, state in zip(starts, episodes, states):
+        stream[STATE_RESETS][s] = zero_at_start or episode.t_started == 0
+        for column, stored in zip(tree.flatten(stream[Columns.STATE_IN]), tree.flatten(state)):
+            column[s : s + len(stored)] = stored
+    for b in bootstraps:
+        stream[Columns.TERMINATEDS][b + 1] = 1.0
+    index, owned, out_bootstraps = [], [], []
+    columns_of_row = np.arange(horizon)
+    for s, size, episode in zip(starts, sizes, episodes):
+        offsets = list(range(0, size, horizon))
+        if len(episode) % horizon == 0 and size > horizon:
+            offsets[-1] = size - horizon
+        for k, offset in enumerate(offsets):
+            in_chunk = offset + columns_of_row
+            index.append(np.where(in_chunk < size, s + in_chunk, end))
+            owned.append(in_chunk < (offsets[k + 1] if k + 1 < len(offsets) else size))
+        if size == len(episode) + 2:  # slot L (and its terminal slot) sit in the last row
+            out_bootstraps.append((len(index) - 1) * horizon + len(episode) - offsets[-1])
+    index_flat = np.concatenate(index)
+    columns = tree.map_structure(lambda v: v[index_flat], stream)
+    columns[Columns.LOSS_MASK] = columns[Columns.LOSS_MASK] & np.concatenate(owned)
+    columns[BOOTSTRAP_SLOTS] = np.asarray(out_bootstraps, dtype=np.int64)
+    return columns
+
+
 def empty_slots(module, num_slots: int) -> dict[str, np.ndarray]:
     """``num_slots`` fully masked padding slots for ``module``'s spaces (zeros, mask False)."""
     obs, act = module.observation_space, module.action_space
-    return {
+    slots = {
         Columns.OBS: np.zeros((num_slots, *obs.shape), dtype=obs.dtype),
         Columns.ACTIONS: np.zeros((num_slots, *act.shape), dtype=act.dtype),
         Columns.ACTION_LOGP: np.zeros(num_slots, dtype=np.float32),
@@ -270,6 +369,12 @@ def empty_slots(module, num_slots: int) -> dict[str, np.ndarray]:
         Columns.TERMINATEDS: np.zeros(num_slots, dtype=np.float32),
         Columns.LOSS_MASK: np.zeros(num_slots, dtype=bool),
     }
+    if module.is_stateful():
+        slots[Columns.STATE_IN] = tree.map_structure(
+            lambda s: np.zeros((num_slots, *s.shape), np.float32), module.get_initial_state()
+        )
+        slots[STATE_RESETS] = np.zeros(num_slots, dtype=bool)
+    return slots
 
 
 def first_pass_advantage(batch: Mapping[str, torch.Tensor], horizon: int, cfg: PPOConfig) -> torch.Tensor:
@@ -300,18 +405,21 @@ class MettaLayoutConnector(ConnectorV2):
     Output columns: ``LAYOUT_COLUMNS``, tensors on the module's device, rows as documented above.
     """
 
-    def __init__(self, input_observation_space=None, input_action_space=None, *, ppo: PPOConfig, horizon: int):
+    def __init__(self, input_observation_space=None, input_action_space=None, *, ppo: PPOConfig, horizon: int,
+                 zero_state_at_rollout_start: bool = False):
         super().__init__(input_observation_space, input_action_space)
         self.ppo = ppo
         self.horizon = horizon
+        self.zero_state_at_rollout_start = zero_state_at_rollout_start
 
     @classmethod
     def from_config(cls, config) -> "MettaLayoutConnector":
         """Build from an ``AlgorithmConfig`` made by ``bridges.rllib.metta_ppo_config``."""
-        from bridges.rllib.config import metta_settings
+        from bridges.rllib.config import METTA_KEY, metta_settings
 
         ppo, trainer = metta_settings(config)
-        return cls(ppo=ppo, horizon=trainer.bptt_horizon)
+        zero = bool(config.learner_config_dict[METTA_KEY].get(ZERO_STATE_KEY, False))
+        return cls(ppo=ppo, horizon=trainer.bptt_horizon, zero_state_at_rollout_start=zero)
 
     @override(ConnectorV2)
     def __call__(self, *, rl_module, batch: dict[str, Any], episodes: list, **kwargs) -> Any:
@@ -322,25 +430,36 @@ class MettaLayoutConnector(ConnectorV2):
             module = rl_module[module_id].unwrapped()
             if not isinstance(module, ValueFunctionAPI):
                 continue
-            columns = pack_chunks(by_module.get(module_id, []), self.horizon)
+            episodes = by_module.get(module_id, [])
+            if module.is_stateful():
+                columns = pack_chunks_stateful(episodes, self.horizon, module, self.zero_state_at_rollout_start)
+            else:
+                columns = pack_chunks(episodes, self.horizon)
             batch[module_id] = self.finish(module, empty_slots(module, 0) if columns is None else columns)
         return batch
 
-    def finish(self, module, columns: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """Slots -> tensors on the module's device, plus ``VF_PREDS`` (no grad) and ``A0``."""
-        if module.is_stateful():
-            raise MettaError(
-                f"MettaLayoutConnector: {type(module).__name__} is stateful (e.g. model_config use_lstm=True); the "
-                f"RLlib bridge does not run Metta's stored-state BPTT (SPEC §6) yet, so its rows would start from "
-                f"the wrong state. Use a feed-forward module here, or a recurrent policy in the core "
-                f"(metta-bridges train --framework core --policy lstm)"
-            )
+    def finish(self, module, columns: Mapping[str, Any]) -> dict[str, Any]:
+        """Slots -> tensors on the module's device, plus ``VF_PREDS`` (no grad) and ``A0``.
+
+        A stateful module's values come from its rows (``bridges.rllib.recurrent.row_batch``: each
+        row from its column 0's stored state, SPEC §6); a truncated chunk's masked terminal slot
+        then gets ``V(o_L)`` as its reward (module docstring).
+        """
+        columns = dict(columns)
+        bootstraps = columns.pop(BOOTSTRAP_SLOTS, np.zeros(0, dtype=np.int64))
         device = next(module.parameters()).device
-        out = {c: torch.as_tensor(v, device=device) for c, v in columns.items()}
-        with torch.no_grad():
-            values = module.compute_values({Columns.OBS: out[Columns.OBS]}) if len(out[Columns.OBS]) else None
-        out[Columns.VF_PREDS] = (
-            values.reshape(-1).to(torch.float32) if values is not None else torch.zeros(0, device=device)
-        )
+        out = {c: tree.map_structure(lambda v: torch.as_tensor(v, device=device), v) for c, v in columns.items()}
+        values = torch.zeros(0, device=device)
+        if len(out[Columns.OBS]):
+            with torch.no_grad():
+                if module.is_stateful():
+                    rows = row_batch(module, out, self.horizon, where="MettaLayoutConnector")
+                    values = module.compute_values(rows)
+                else:
+                    values = module.compute_values({Columns.OBS: out[Columns.OBS]})
+        out[Columns.VF_PREDS] = values.reshape(-1).to(torch.float32)
+        if len(bootstraps):
+            slots = torch.as_tensor(bootstraps, device=device)
+            out[Columns.REWARDS][slots + 1] = out[Columns.VF_PREDS][slots]
         out[Columns.ADVANTAGES] = first_pass_advantage(out, self.horizon, self.ppo)
         return out

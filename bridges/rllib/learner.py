@@ -31,6 +31,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+import tree  # dm_tree (RLlib's dependency): the stored states are nested
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
@@ -46,6 +47,7 @@ from bridges.rllib.layout import (
     LAYOUT_COLUMNS, MettaColumns, MettaLayoutConnector, check_metta_batch, check_module_inputs, empty_slots,
 )
 from bridges.rllib.loss import metta_module_loss, rllib_stats
+from bridges.rllib.recurrent import STATEFUL_COLUMNS, check_sequence_length, check_stored_state, flat_outputs, row_batch
 from metta_core.config import ADAM_EPS
 from metta_core.errors import MettaError
 from metta_core.phase import MinibatchSchedule, PhaseSizes, PhaseStats, run_phase
@@ -98,9 +100,11 @@ class MettaPPOLearner(TorchLearner):
         if self._learner_connector is not None and not any(
             isinstance(c, MettaLayoutConnector) for c in self._learner_connector.connectors
         ):
-            self._learner_connector.append(
-                MettaLayoutConnector(ppo=self._metta_ppo, horizon=self._metta_trainer.bptt_horizon)
-            )
+            self._learner_connector.append(MettaLayoutConnector.from_config(self.config))
+        for module_id in self.module.keys():
+            module = self.module[module_id].unwrapped()
+            if module.is_stateful():
+                check_sequence_length(module, self._metta_trainer.bptt_horizon, where=f"MettaPPOLearner (module {module_id!r})")
         seed = 0 if self.config.seed is None else int(self.config.seed)
         self._metta_generator = torch.Generator().manual_seed(seed + 1_000_003 * self._learner_index)
         self._metta_epoch = 0
@@ -202,13 +206,18 @@ class MettaPPOLearner(TorchLearner):
         horizon = trainer.bptt_horizon
         sizes = PhaseSizes.of(trainer)
         mb_segments = sizes.minibatch_segments
-        segments = check_metta_batch(batch, horizon, where=f"MettaPPOLearner.update (module {module_id!r})")
-        batch = {c: batch[c] for c in LAYOUT_COLUMNS}
+        where = f"MettaPPOLearner.update (module {module_id!r})"
+        segments = check_metta_batch(batch, horizon, where=where)
+        module = self.module[module_id].unwrapped()
+        stateful = module.is_stateful()
+        if stateful:
+            check_stored_state(module, batch, where=where)
+        batch = {c: batch[c] for c in LAYOUT_COLUMNS + (STATEFUL_COLUMNS if stateful else ())}
         if segments < mb_segments:  # a small or empty shard: pad with fully masked rows (zeros, mask False)
             extra = (mb_segments - segments) * horizon
-            batch = {c: torch.cat([v, v.new_zeros((extra, *v.shape[1:]))]) for c, v in batch.items()}
+            batch = tree.map_structure(lambda v: torch.cat([v, v.new_zeros((extra, *v.shape[1:]))]), batch)
             segments = mb_segments
-        rows = {c: v.reshape(segments, horizon, *v.shape[1:]) for c, v in batch.items()}
+        rows = tree.map_structure(lambda v: v.reshape(segments, horizon, *v.shape[1:]), batch)
         schedule = MinibatchSchedule(
             minibatch_segments=mb_segments, prio=ppo.prioritized_experience_replay,
             total_timesteps=trainer.total_timesteps, batch_size=trainer.batch_size, generator=self._metta_generator,
@@ -234,9 +243,14 @@ class MettaPPOLearner(TorchLearner):
             if mb_idx == 0:  # the connector's A0 (the buffer does not change during the phase)
                 schedule.start_epoch(rows[Columns.ADVANTAGES], self._metta_epoch)
             idx, prio_w = schedule.draw()
-            mb = {c: v[idx].reshape(mb_segments * horizon, *v.shape[2:]) for c, v in rows.items()}
+            mb = tree.map_structure(lambda v: v[idx].reshape(mb_segments * horizon, *v.shape[2:]), rows)
             mb[MettaColumns.PRIO_WEIGHTS] = prio_w.expand(mb_segments, horizon).reshape(-1)
-            fwd_out = self.module.forward_train({module_id: mb})
+            if stateful:  # whole rows from their stored states (SPEC §6), outputs flat again for the loss
+                module_rows = row_batch(module, mb, horizon, where=where)
+                fwd_rows = self.module.forward_train({module_id: module_rows})[module_id]
+                fwd_out = {module_id: flat_outputs(module, module_rows, fwd_rows)}
+            else:
+                fwd_out = self.module.forward_train({module_id: mb})
             last_loss = self.compute_losses(fwd_out=fwd_out, batch={module_id: mb})[module_id]
             return last_loss, stop
 

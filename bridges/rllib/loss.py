@@ -60,7 +60,8 @@ def metta_loss_terms(
     """``ppo_minibatch_loss`` on a flat Metta-layout minibatch of whole rows.
 
     ``new_logprob = dist(fwd_out[ACTION_DIST_INPUTS]).logp(batch[ACTIONS])``, ``entropy`` of the
-    same distribution, ``new_values = module.compute_values(batch, embeddings)``; stored
+    same distribution, ``new_values = module.compute_values(batch, embeddings)`` (or
+    ``fwd_out[VF_PREDS]`` when given: a stateful module's values of the rows); stored
     ``ACTION_LOGP``, ``VF_PREDS``, ``REWARDS``, ``TERMINATEDS`` (Metta's index convention),
     ``ADVANTAGES`` (``A0``), ``LOSS_MASK`` and optional ``MettaColumns.PRIO_WEIGHTS``.
     A minibatch without any valid slot (an empty shard on one of several learners) still runs
@@ -85,7 +86,10 @@ def metta_loss_terms(
     check_action_shape(dist, batch[Columns.ACTIONS])
     new_logprob = dist.logp(batch[Columns.ACTIONS]).reshape(rows)
     entropy = dist.entropy().reshape(rows)
-    new_values = module.compute_values(batch, embeddings=fwd_out.get(Columns.EMBEDDINGS)).reshape(rows)
+    if Columns.VF_PREDS in fwd_out:  # a stateful module's values, computed on its rows (bridges.rllib.recurrent)
+        new_values = fwd_out[Columns.VF_PREDS].reshape(rows)
+    else:
+        new_values = module.compute_values(batch, embeddings=fwd_out.get(Columns.EMBEDDINGS)).reshape(rows)
     mask = batch[Columns.LOSS_MASK].reshape(rows)
     prio = batch.get(MettaColumns.PRIO_WEIGHTS)
     terms = ppo_minibatch_loss(

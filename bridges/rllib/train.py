@@ -30,6 +30,8 @@ from ray.rllib.utils.metrics import (
 from bridges.rllib.cluster import join_ray
 from bridges.rllib.config import metta_ppo_config
 from bridges.rllib.module import OrthogonalInitPPOModule
+from bridges.rllib.recurrent import MettaRecurrentModule
+from metta_core import cartpole_no_velocity
 from bridges.rllib.settings import RLlibSettings
 from metta_core.errors import MettaError
 from metta_core.run import ReturnTracker, TrainArgs, checkpoint_header, drive, preflight, verify_header
@@ -65,12 +67,40 @@ class EpisodeReturns(RLlibCallback):
         metrics_logger.log_value(EPISODE_RETURNS_KEY, total, reduce="item_series")
 
 
+def module_spec(args: TrainArgs) -> tuple[RLModuleSpec, dict[str, Any]]:
+    """The ``--policy`` network as ``(RLModuleSpec, model_config)``: ``OrthogonalInitPPOModule`` (RLlib's
+    default PPO module with ``ActorCritic``'s init) for ``mlp``; ``MettaRecurrentModule`` (the core's
+    ``RecurrentActorCritic``, drawn with the run's seed as the core draws it) for ``lstm``/``gru``."""
+    if args.policy in ("lstm", "gru"):
+        return RLModuleSpec(module_class=MettaRecurrentModule), {
+            "cell": args.policy, "hidden_size": args.hidden_size, "seed": args.seed, "max_seq_len": args.bptt_horizon,
+        }
+    return RLModuleSpec(module_class=OrthogonalInitPPOModule), {
+        "fcnet_hiddens": [args.hidden_size] * 2,
+        "fcnet_activation": "tanh",
+        "head_fcnet_hiddens": [],
+        "vf_share_layers": False,
+    }
+
+
+def env_id(name: str) -> str:
+    """The env id for RLlib's env runners: ``CartPoleNoVel-v1`` as ``module:id``, so a remote runner's
+    ``gym.make`` imports the module that registers it."""
+    return f"{cartpole_no_velocity.__name__}:{name}" if name == cartpole_no_velocity.ENV_ID else name
+
+
 def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
-    """Settings shared by the Metta and the native run: env runners, learners, lr, network, seed."""
+    """Settings shared by the Metta and the native run: env runners, learners, lr, network, seed.
+
+    ``--anneal-lr`` is RLlib's piecewise-linear ``lr`` schedule from ``learning_rate`` at step 0 to 0 at
+    ``total_timesteps`` (RLlib reads the lifetime env steps after each sample; the core before it).
+    """
     settings = settings or RLlibSettings()
     runners = max(1, settings.num_env_runners)
+    lr = [[0, args.learning_rate], [args.total_timesteps, 0.0]] if args.anneal_lr else args.learning_rate
+    spec, model_config = module_spec(args)
     return (
-        config.environment(args.env)
+        config.environment(env_id(args.env))
         .env_runners(
             num_env_runners=settings.num_env_runners,
             num_envs_per_env_runner=max(1, args.num_envs // runners),
@@ -78,16 +108,8 @@ def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
         )
         .fault_tolerance(restart_failed_env_runners=settings.restart_failed_env_runners)
         .learners(num_learners=settings.num_learners)
-        .training(lr=args.learning_rate)
-        .rl_module(
-            rl_module_spec=RLModuleSpec(module_class=OrthogonalInitPPOModule),
-            model_config={
-                "fcnet_hiddens": [args.hidden_size] * 2,
-                "fcnet_activation": "tanh",
-                "head_fcnet_hiddens": [],
-                "vf_share_layers": False,
-            }
-        )
+        .training(lr=lr)
+        .rl_module(rl_module_spec=spec, model_config=model_config)
         .callbacks(EpisodeReturns)
         .debugging(seed=args.seed)
     )

@@ -58,3 +58,15 @@ def test_matrix(name):
         else:
             assert row.size > 1e-4, (row.framework, row.name, row.size)
             assert set(row.piece.split(", ")) <= PIECES, (row.name, row.piece)
+
+
+@pytest.mark.parametrize("name", ["lstm_discrete_dones_truncations", "gru_shared_backbone"])
+def test_rllib_stateful_pipeline_equals_metta_on_recurrent_rows(name):
+    """RLlib's own PPO with a stateful module (AddStatesFromEpisodesToBatch, lookback STATE_OUT for rows
+    that start inside an episode) gives Metta's value loss and entropy; max_seq_len < T does not."""
+    pytest.importorskip("ray.rllib")
+    rows = native.recurrent_matrix(load_case(CASES_DIR / f"{name}.json"))
+    assert not [r.error for r in rows if r.error]
+    (equivalent,), (probe,) = [r for r in rows if r.equivalent], [r for r in rows if not r.equivalent]
+    assert equivalent.size <= native.EQUIVALENCE_TOLERANCE
+    assert probe.size > 1e-3

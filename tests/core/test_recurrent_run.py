@@ -87,7 +87,7 @@ def test_lstm_run_resumes_exactly(tmp_path):
     assert isinstance(straight.policy, RecurrentActorCritic)
 
 
-@pytest.mark.parametrize("framework", ["torchrl", "rllib"])
+@pytest.mark.parametrize("framework", ["torchrl"])
 def test_bridges_refuse_recurrent_policies_with_a_clear_error(framework, capsys, tmp_path):
     assert main(["train", "--framework", framework, "--policy", "lstm", "--no-progress", "--out-dir", str(tmp_path)]) == 2
     assert f"--policy lstm is not supported by the {framework} bridge yet" in capsys.readouterr().err

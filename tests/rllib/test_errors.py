@@ -92,9 +92,9 @@ def test_module_output_without_values_api(learner):
         learner.compute_losses(fwd_out={DEFAULT_MODULE_ID: {"x": torch.zeros(1)}}, batch={DEFAULT_MODULE_ID: batch})
 
 
-def test_stateful_module_is_refused_with_the_alternative():
-    """RLlib's own PPO trains ``use_lstm``; the bridge does not run SPEC §6 in RLlib yet: a clear refusal
-    (it used to die with ``KeyError: 'state_in'``)."""
+def test_stateful_module_episode_without_state_out_is_refused():
+    """A ``use_lstm`` module's episodes must carry the per-step ``STATE_OUT`` the Metta layout stores as
+    input states (SPEC §6); a chunk without it is a clear error (it used to die with ``KeyError: 'state_in'``)."""
     config = make_config().rl_module(model_config={"use_lstm": True, "lstm_cell_size": 8, "max_seq_len": HORIZON})
     learner = build(config)
     ep = SingleAgentEpisode(
@@ -102,5 +102,5 @@ def test_stateful_module_is_refused_with_the_alternative():
         extra_model_outputs={Columns.ACTION_LOGP: [0.0] * HORIZON}, len_lookback_buffer=0,
     ).to_numpy()
     connector = MettaLayoutConnector.from_config(config)
-    with pytest.raises(MettaError, match=r"stateful .*use_lstm.*--policy lstm"):
+    with pytest.raises(MettaError, match=r"has no extra model output 'state_out', but .* is stateful"):
         connector(rl_module=learner.module, batch={}, episodes=[ep])

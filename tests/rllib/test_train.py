@@ -27,3 +27,25 @@ def test_episode_spanning_fragments_reports_its_whole_return():
     callback.on_sample_end(samples=[chunk("b", 64.0, False)])  # b runs through a whole fragment
     callback.on_episode_end(episode=chunk("b", 30.0, True), metrics_logger=logger)
     assert logger.values == [12.0, 158.0]
+
+
+def test_anneal_lr_is_rllibs_linear_lr_schedule_to_zero_at_total_timesteps():
+    from bridges.rllib.train import build_config
+    from metta_core.run import TrainArgs
+
+    config = build_config(TrainArgs(framework="rllib", learning_rate=0.002, anneal_lr=True, total_timesteps=50_000))
+    assert config.lr == [[0, 0.002], [50_000, 0.0]]
+    assert build_config(TrainArgs(framework="rllib", learning_rate=0.002)).lr == 0.002
+
+
+def test_recurrent_policy_uses_the_core_network_and_a_module_importable_env_id():
+    from bridges.rllib.recurrent import MettaRecurrentModule
+    from bridges.rllib.train import build_config
+    from metta_core.run import TrainArgs
+
+    config = build_config(TrainArgs(framework="rllib", policy="gru", env="CartPoleNoVel-v1", hidden_size=32,
+                                    bptt_horizon=16, seed=3))
+    assert config.rl_module_spec.module_class is MettaRecurrentModule
+    assert {k: config.model_config[k] for k in ("cell", "hidden_size", "seed", "max_seq_len")} == {
+        "cell": "gru", "hidden_size": 32, "seed": 3, "max_seq_len": 16}
+    assert config.env == "metta_core.cartpole_no_velocity:CartPoleNoVel-v1"  # remote runners import it

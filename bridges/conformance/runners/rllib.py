@@ -2,7 +2,9 @@
 
 The RLModule is ``ActorCriticModule``: the case's ``ActorCritic`` as an RLlib ``TorchRLModule``
 with ``ValueFunctionAPI`` (Categorical logits, or ``[mean, log_std]`` for RLlib's diagonal
-Gaussian). The batch is the case buffer in the bridge's Metta layout (``bridges.rllib.layout``):
+Gaussian); for a recurrent case the bridge's stateful ``MettaRecurrentModule`` (the case's
+``RecurrentActorCritic``), with every slot's stored state in ``Columns.STATE_IN`` and
+``dones or truncateds`` in ``STATE_RESETS``, run on whole rows as ``MettaPPOLearner`` runs them. The batch is the case buffer in the bridge's Metta layout (``bridges.rllib.layout``):
 flat ``[segments * horizon]`` columns, every slot valid (``LOSS_MASK`` all True), ``ADVANTAGES``
 from the bridge's ``first_pass_advantage``.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import tree  # dm_tree (RLlib's dependency): the stored states are nested
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
@@ -24,6 +27,7 @@ from metta_core.policy import ActorCritic
 
 from bridges.rllib import MettaColumns, metta_loss_terms, metta_ppo_config
 from bridges.rllib.layout import first_pass_advantage
+from bridges.rllib.recurrent import STATE_RESETS, MettaRecurrentModule, flat_outputs, row_batch
 from metta_core.config import ADAM_EPS
 
 from bridges.conformance.cases import Case
@@ -41,8 +45,8 @@ PREFIX = "net."
 
 
 def unsupported(case: Case) -> str | None:
-    """Why this runner cannot run ``case`` yet (stateful modules, per-agent episodes), or None."""
-    return unsupported_features(case, recurrent=False, multi_agent=False)
+    """Why this runner cannot run ``case`` yet (per-agent episodes), or None."""
+    return unsupported_features(case, recurrent=True, multi_agent=False)
 
 
 class ActorCriticModule(TorchRLModule, ValueFunctionAPI):
@@ -83,11 +87,17 @@ def _learner(case: Case):
     trainer = case.config["trainer"]
     fields = {k: trainer[k] for k in ("batch_size", "bptt_horizon", "minibatch_size", "max_minibatch_size",
                                       "update_epochs", "total_timesteps")}
+    policy = case.config["policy"]
+    if case.policy_kind == "mlp":
+        spec = RLModuleSpec(module_class=ActorCriticModule, model_config={"hidden": list(policy["hidden"])})
+    else:
+        spec = RLModuleSpec(module_class=MettaRecurrentModule, model_config={
+            "cell": case.policy_kind, "hidden_size": policy["hidden_size"], "num_layers": policy["num_layers"],
+            "shared_core": policy["shared_core"], "max_seq_len": trainer["bptt_horizon"]})
     config = (
         metta_ppo_config(None, **case.config["ppo"], **fields)
         .training(lr=case.config["optimizer"]["lr"])
-        .rl_module(rl_module_spec=RLModuleSpec(module_class=ActorCriticModule,
-                                               model_config={"hidden": list(case.config["policy"]["hidden"])}))
+        .rl_module(rl_module_spec=spec)
     )
     learner = config.build_learner(spaces={DEFAULT_MODULE_ID: spaces(case)})
     module = learner.module[DEFAULT_MODULE_ID].unwrapped()
@@ -108,6 +118,9 @@ def _columns(case: Case) -> dict[str, torch.Tensor]:
         Columns.TERMINATEDS: data["dones"].reshape(n),
         Columns.LOSS_MASK: torch.ones(n, dtype=torch.bool),
     }
+    if case.policy_kind != "mlp":  # every step's stored input state and its reset flag (SPEC §6)
+        batch[Columns.STATE_IN] = {key: data[key].reshape(n, *data[key].shape[2:]) for key in case.state_keys}
+        batch[STATE_RESETS] = (data["dones"] + data["truncateds"]).reshape(n) > 0
     batch[Columns.ADVANTAGES] = first_pass_advantage(batch, case.trainer.bptt_horizon, case.ppo)
     return batch
 
@@ -119,9 +132,15 @@ def run(case: Case) -> Measurement:
     learner, module = _learner(case)
     columns = _columns(case)
     idx = torch.from_numpy(case.idx)
-    minibatch = {c: v.reshape(-1, horizon, *v.shape[1:])[idx].reshape(-1, *v.shape[1:]) for c, v in columns.items()}
+    minibatch = tree.map_structure(lambda v: v.reshape(-1, horizon, *v.shape[1:])[idx].reshape(-1, *v.shape[1:]),
+                                   columns)
     minibatch[MettaColumns.PRIO_WEIGHTS] = torch.from_numpy(case.prio_weights.copy()).expand(-1, horizon).reshape(-1)
-    fwd = learner.module.forward_train({DEFAULT_MODULE_ID: minibatch})
+    if module.is_stateful():  # whole rows from their stored states, as MettaPPOLearner runs them
+        rows = row_batch(module, minibatch, horizon, where="rllib runner")
+        fwd = {DEFAULT_MODULE_ID: flat_outputs(module, rows, learner.module.forward_train({DEFAULT_MODULE_ID: rows})[
+            DEFAULT_MODULE_ID])}
+    else:
+        fwd = learner.module.forward_train({DEFAULT_MODULE_ID: minibatch})
     loss = learner.compute_losses(fwd_out=fwd, batch={DEFAULT_MODULE_ID: minibatch})[DEFAULT_MODULE_ID]
     terms = metta_loss_terms(module, minibatch, fwd[DEFAULT_MODULE_ID], ppo, horizon)
     optimizers = [opt for _, opt in learner.get_optimizers_for_module(DEFAULT_MODULE_ID)]
