@@ -137,6 +137,12 @@ def _refuse_unsupported(config) -> None:
             f"(its target_kl stops the phase early instead); leave use_kl_loss=False and kl_coeff=0 and set "
             f"metta_ppo_config(target_kl=...)"
         )
+    if config.is_multi_agent and config.count_steps_by != "agent_steps":
+        raise MettaError(
+            f"config.count_steps_by is {config.count_steps_by!r} with several agents (policies "
+            f"{sorted(config.policies)}); Metta's batch_size and minibatch_size count agent-steps (one buffer row "
+            f"per agent): set config.multi_agent(count_steps_by='agent_steps')"
+        )
     if config.grad_clip_by != "global_norm":
         raise MettaError(
             f"config.grad_clip_by is {config.grad_clip_by!r}; MettaPPOLearner clips the global norm of the module's "
