@@ -17,7 +17,13 @@ in turn (four, each with its own env):
 * ``torchrl``: ``TorchRLRun.iteration`` (``MettaGridEnv`` + ``Collector`` + ``MettaPPOPhase``) with
   the same network; its batch is the smallest multiple of both ``rows x horizon`` and the minibatch
   size that is >= ``BATCH`` (TorchRL rows are whole: 6144 on arena-24 with 2 envs), the same
-  minibatch size and epochs.
+  minibatch size and epochs;
+* ``rllib``: ``algo.train()`` of ``metta-bridges train --framework rllib`` (``MettaGridMultiAgentEnv``
+  per simulation, ``GridCNNModule``, ``MettaPPOLearner``; env runner and learner in this process, so
+  the CPU time is comparable). ``rllib_breakdown`` says where its time goes: RLlib's timers for
+  sampling and the learner update per iteration, and within sampling the env steps and the module's
+  forward (per-call means times the steps of an iteration); the rest of sampling is RLlib's episode
+  and connector bookkeeping.
 
 The issue-13 goal is core and bridges >= 0.7x the plain loop. No assertion: read the table.
 """
@@ -110,6 +116,40 @@ class PlainLoop:
                 self.optimizer.step()
 
 
+class RLlibBridge:
+    """``metta-bridges train --framework rllib``'s algorithm, one ``algo.train()`` per iteration."""
+
+    def __init__(self, env_id: str, num_envs: int) -> None:
+        from bridges.rllib.cluster import init_private_ray
+        from bridges.rllib.train import build_config
+
+        init_private_ray()
+        args = TrainArgs(framework="rllib", env=env_id, num_envs=num_envs, batch_size=BATCH, bptt_horizon=HORIZON,
+                         minibatch_size=MINIBATCH, update_epochs=EPOCHS, progress=False)
+        self.algo = build_config(args).build_algo()
+        self.breakdown: list[dict[str, float]] = []
+
+    def iteration(self) -> None:
+        from ray.rllib.utils.metrics import (
+            ENV_RUNNER_RESULTS, ENV_RUNNER_SAMPLING_TIMER, ENV_STEP_TIMER, LEARNER_UPDATE_TIMER,
+            RLMODULE_INFERENCE_TIMER, TIMERS,
+        )
+
+        result = self.algo.train()
+        runners, timers = result[ENV_RUNNER_RESULTS], result[TIMERS]
+        steps = BATCH // self.algo.env_runner.num_envs // len(self.algo.env_runner.env.envs[0].unwrapped.possible_agents)
+        self.breakdown.append({
+            "sampling_s": timers[ENV_RUNNER_SAMPLING_TIMER], "learner_update_s": timers[LEARNER_UPDATE_TIMER],
+            "env_step_s": runners[ENV_STEP_TIMER] * steps, "module_forward_s": runners[RLMODULE_INFERENCE_TIMER] * steps,
+        })
+
+    def close(self) -> None:
+        import ray
+
+        self.algo.stop()
+        ray.shutdown()
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mettagrid_throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,8 +165,9 @@ def main(argv=None) -> dict:
     torchrl_batch = -(-BATCH // block) * block
     torchrl = TorchRLRun(TrainArgs(framework="torchrl", env=args.env, num_envs=args.num_envs, batch_size=torchrl_batch,
                                    bptt_horizon=HORIZON, minibatch_size=MINIBATCH, update_epochs=EPOCHS, progress=False))
+    rllib = RLlibBridge(args.env, args.num_envs)
     runs = {"random": RandomStepping(args.env, args.num_envs), "plain loop": PlainLoop(args.env, args.num_envs),
-            "core": core, "torchrl": torchrl}
+            "core": core, "torchrl": torchrl, "rllib": rllib}
     batches = {name: torchrl_batch if name == "torchrl" else BATCH for name in runs}
     for run in runs.values():  # warm-up
         run.iteration()
@@ -144,7 +185,9 @@ def main(argv=None) -> dict:
     result = {"env": args.env, "rows": core.env.num_agents, "batch": BATCH, "torchrl_batch": torchrl_batch,
               "minibatch": MINIBATCH, "epochs": EPOCHS, "table": table,
               **{f"{name}_over_plain_{unit}": table[name][f"agent_steps_per_{key}"] / plain[f"agent_steps_per_{key}"]
-                 for name in ("core", "torchrl") for unit, key in (("wall", "s"), ("cpu", "cpu_s"))}}
+                 for name in ("core", "torchrl", "rllib") for unit, key in (("wall", "s"), ("cpu", "cpu_s"))},
+              "rllib_breakdown": {k: statistics.median(b[k] for b in rllib.breakdown[1:]) for k in rllib.breakdown[0]}}
+    rllib.close()
     print(json.dumps(result, indent=2))
     write_json(args.json, result)
     return result
