@@ -36,6 +36,12 @@ chunk whose slot ``L`` does not land in a row's last column is followed by one m
 (``done = 1``) whose reward is the bootstrap value ``V(o_L)``: then ``A[L] = 0`` exactly, as in a
 row's last column (the recursion's ``delta_L = V(o_L) + 0 - V(o_L)``).
 
+Per-agent streams (``pack_streams``): when every chunk's infos carry ``metta_stream`` and
+``metta_t`` (``bridges.rllib.MettaGridMultiAgentEnv`` sets them), each agent's chunks are chained
+into the agent's own stream, Metta's same-step layout (a chunk's last observation is the next
+chunk's first), and cut into rows in the core's order; see ``pack_streams``. Otherwise chunks are
+laid out one by one as above (feed-forward modules; stateful modules always use ``pack_chunks_stateful``).
+
 ``Columns.ADVANTAGES`` holds the first-pass advantages ``A0`` (``compute_advantage`` with ratio 1,
 zero on masked slots); ``Columns.VF_PREDS`` the values of the module before the update.
 """
