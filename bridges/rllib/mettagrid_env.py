@@ -67,6 +67,7 @@ class MettaGridMultiAgentEnv(MultiAgentEnv):
 
     def __init__(self, env_config: dict | None = None) -> None:
         super().__init__()
+        worker = int(getattr(env_config, "worker_index", 0))  # an EnvContext from RLlib; before the dict copy
         env_config = dict(env_config or {})
         unknown = sorted(set(env_config) - {"env", "config", "obs", "seed"})
         if unknown:
@@ -78,8 +79,7 @@ class MettaGridMultiAgentEnv(MultiAgentEnv):
         self._obs_mode = env_config.get("obs", "grid")
         self._seeds = np.random.default_rng(int(env_config.get("seed", 0)))
         self._env = self._new_env(int(self._seeds.integers(2**31 - 1)))
-        worker = getattr(env_config, "worker_index", 0)
-        self._stream = (int(worker), next(_INSTANCES))
+        self._stream = (worker, next(_INSTANCES))
         self._steps = 0
         self._episode_start = True
         self.possible_agents = [agent_id(a) for a in range(self._env.agents_per_env)]

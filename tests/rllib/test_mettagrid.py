@@ -239,6 +239,15 @@ def test_gridcnn_module_starts_as_the_core_gridcnn_of_the_seed():
                        module.compute_values({Columns.OBS: obs}))
 
 
+def test_streams_of_different_env_runners_differ():
+    """RLlib passes an EnvContext; its worker_index keeps the agents of two env runners apart."""
+    from ray.rllib.env.env_context import EnvContext
+
+    streams = [MettaGridMultiAgentEnv(EnvContext({"config": arena_config(SHORT)}, worker_index=w))._stream
+               for w in (1, 2)]
+    assert [s[0] for s in streams] == [1, 2]
+
+
 def test_env_steps_counting_with_several_agents_is_refused():
     config = module_config().multi_agent(count_steps_by="env_steps")
     with pytest.raises(MettaError, match=r"count_steps_by is 'env_steps'.*count_steps_by='agent_steps'"):
