@@ -365,9 +365,9 @@ def pack_chunks_stateful(episodes: list, horizon: int, module, zero_at_start: bo
 
 
 STREAM_KEY = "metta_stream"
-"""Info key of the env that produced a step (``bridges.rllib.mettagrid_env.METTA_STREAM``)."""
+"""Info key of the env that produced a step (``MettaGridMultiAgentEnv``: ``(worker_index, instance)``)."""
 STEP_KEY = "metta_t"
-"""Info key of that env's step count at an observation (``bridges.rllib.mettagrid_env.METTA_T``)."""
+"""Info key of that env's step count at an observation, over all its episodes."""
 
 
 def _stream_position(episode) -> tuple[Any, int] | None:

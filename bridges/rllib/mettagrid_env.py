@@ -16,7 +16,8 @@ last step is already the next episode's first one, and the ``reset()`` RLlib cal
 returns that same observation (no step is lost or repeated). ``reset(seed=...)`` or a reset in the
 middle of an episode starts new simulations.
 
-Every step's info for each agent is ``{METTA_STREAM: (worker_index, instance), METTA_T: steps}``
+Every step's info for each agent is ``{STREAM_KEY: (worker_index, instance), STEP_KEY: steps}``
+(``bridges.rllib.layout``'s keys ``"metta_stream"``, ``"metta_t"``)
 (``steps`` counts this env's steps over all episodes). ``MettaLayoutConnector`` uses it to chain an
 agent's episode chunks into one stream and lay it out in Metta's rows
 (``bridges/rllib/layout.py``).
@@ -30,18 +31,15 @@ from typing import Any
 import numpy as np
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
+from bridges.rllib.layout import STEP_KEY, STREAM_KEY
 from metta_core.envs import check_mettagrid_id
 from metta_core.envs.mettagrid import MettaGridEnvironment, preset_config
 from metta_core.errors import MettaError
 
-METTA_STREAM = "metta_stream"
-"""Info key: ``(worker_index, instance)``, which env (of which env runner) produced the step."""
-METTA_T = "metta_t"
-"""Info key: the env's step count (over all its episodes) at this observation."""
 AGENT_PREFIX = "agent_"
 
 _INSTANCES = itertools.count()
-"""Creation order of the envs in this process (the second part of ``METTA_STREAM``)."""
+"""Creation order of the envs in this process (the second part of the ``STREAM_KEY`` info)."""
 
 
 def agent_id(index: int) -> str:
@@ -95,7 +93,7 @@ class MettaGridMultiAgentEnv(MultiAgentEnv):
         return MettaGridEnvironment(self._mettagrid_config, 1, seed, obs=self._obs_mode)
 
     def _info(self) -> dict[str, dict]:
-        info = {METTA_STREAM: self._stream, METTA_T: self._steps}
+        info = {STREAM_KEY: self._stream, STEP_KEY: self._steps}
         return {a: info for a in self.possible_agents}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:

@@ -18,8 +18,8 @@ from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch  # noqa: 
 
 from bridges.rllib import MettaLayoutConnector, metta_ppo_config, metta_settings  # noqa: E402
 from bridges.rllib.grid_module import GridCNNModule  # noqa: E402
-from bridges.rllib.layout import pack_streams  # noqa: E402
-from bridges.rllib.mettagrid_env import METTA_STREAM, METTA_T, MettaGridMultiAgentEnv  # noqa: E402
+from bridges.rllib.layout import STEP_KEY, STREAM_KEY, pack_streams  # noqa: E402
+from bridges.rllib.mettagrid_env import MettaGridMultiAgentEnv  # noqa: E402
 from bridges.rllib.train import SHARED_MODULE_ID, shared_module  # noqa: E402
 from metta_core.cnn_policy import GridCNN  # noqa: E402
 from metta_core.envs.mettagrid import ArenaPreset, MettaGridEnvironment, arena_config  # noqa: E402
@@ -141,7 +141,7 @@ def test_env_steps_like_the_core_adapter_across_episode_ends():
         expected = core.get_observations()[0]
         for i, a in enumerate(env.possible_agents):
             np.testing.assert_array_equal(obs[a], expected[i])
-            assert infos[a][METTA_T] == t and infos[a][METTA_STREAM] == env._stream
+            assert infos[a][STEP_KEY] == t and infos[a][STREAM_KEY] == env._stream
         actions = rng.integers(0, 5, AGENTS)
         obs, rewards, terminateds, truncateds, infos = env.step({a: actions[i] for i, a in enumerate(env.possible_agents)})
         core.send_actions(actions)
@@ -293,10 +293,10 @@ def test_overlapping_and_inconsistent_chunks_are_refused(steps):
     with pytest.raises(MettaError, match="overlapping chunks"):
         pack_streams(chunks + chunks[:1], HORIZON)
     broken = MultiAgentEpisode(agent_to_module_mapping_fn=shared_module)
-    info = {METTA_STREAM: (0, 0), METTA_T: 0}
+    info = {STREAM_KEY: (0, 0), STEP_KEY: 0}
     broken.add_env_reset(observations={"agent_0": chunks[0].get_observations()[0]}, infos={"agent_0": info})
     broken.add_env_step(observations={"agent_0": chunks[0].get_observations()[1]}, actions={"agent_0": 0},
-                        rewards={"agent_0": 0.0}, infos={"agent_0": {METTA_STREAM: (0, 0), METTA_T: 5}},
+                        rewards={"agent_0": 0.0}, infos={"agent_0": {STREAM_KEY: (0, 0), STEP_KEY: 5}},
                         extra_model_outputs={"agent_0": {Columns.ACTION_LOGP: np.float32(0)}})
     with pytest.raises(MettaError, match=r"expected one stream and consecutive steps"):
         pack_streams(list(broken.agent_episodes.values()), HORIZON)
