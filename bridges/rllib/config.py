@@ -37,7 +37,9 @@ experience_replay.*``,
 RLlib settings fixed here: ``use_kl_loss=False``, ``shuffle_batch_per_epoch=False`` (Metta samples
 whole segments), ``add_default_connectors_to_learner_pipeline=False`` (``MettaLayoutConnector`` is
 the learner pipeline), ``learner_class=MettaPPOLearner``. The learning rate stays RLlib's
-``lr`` (``config.training(lr=...)``).
+``lr`` (``config.training(lr=...)``). With several agents (a multi-agent ``policies`` set) the batch
+sizes count agent-steps, one buffer row per agent: ``config.multi_agent(count_steps_by=
+"agent_steps")`` is required (``"env_steps"`` is refused when the learner is built).
 """
 
 from __future__ import annotations
