@@ -40,7 +40,8 @@ class GridCNNModule(TorchRLModule, ValueFunctionAPI):
             )
 
     def _embed(self, batch) -> torch.Tensor:
-        return self.net.trunk(batch[Columns.OBS].float() * self.net.inv_scale)
+        # GridCNN.forward's scaling; uint8 * float32 promotes in one pass (the same numbers as .float() first)
+        return self.net.trunk(batch[Columns.OBS] * self.net.inv_scale)
 
     def _forward(self, batch, **kwargs):
         return {Columns.ACTION_DIST_INPUTS: self.net.actor(self._embed(batch))}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tensordict import TensorDict
 
 pytest.importorskip("mettagrid", reason="needs the mettagrid extra: pip install 'metta-bridges[mettagrid]'")
 
@@ -234,6 +235,11 @@ def test_gridcnn_module_starts_as_the_core_gridcnn_of_the_seed():
         assert torch.equal(a, b), name
     obs = torch.as_tensor(np.stack([env.reset()[0][a] for a in env.possible_agents]))
     out = module.forward_train({Columns.OBS: obs})
+    with torch.no_grad():
+        core_values = core(TensorDict({"env_obs": obs}, [len(obs)]))["values"]
+        core_logits = core.actor(core.trunk(obs.float() * core.inv_scale))  # GridCNN.forward's logits
+        assert torch.equal(module.compute_values({Columns.OBS: obs}), core_values)
+    assert torch.equal(out[Columns.ACTION_DIST_INPUTS], core_logits)
     assert out[Columns.ACTION_DIST_INPUTS].shape == (AGENTS * 2, 5)
     assert torch.equal(module.compute_values({Columns.OBS: obs}, out[Columns.EMBEDDINGS]),
                        module.compute_values({Columns.OBS: obs}))
