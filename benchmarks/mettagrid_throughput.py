@@ -20,10 +20,10 @@ in turn (four, each with its own env):
   minibatch size and epochs;
 * ``rllib``: ``algo.train()`` of ``metta-bridges train --framework rllib`` (``MettaGridMultiAgentEnv``
   per simulation, ``GridCNNModule``, ``MettaPPOLearner``; env runner and learner in this process, so
-  the CPU time is comparable). ``rllib_breakdown`` says where its time goes: RLlib's timers for
-  sampling and the learner update per iteration, and within sampling the env steps and the module's
-  forward (per-call means times the steps of an iteration); the rest of sampling is RLlib's episode
-  and connector bookkeeping.
+  the CPU time is comparable). ``rllib_breakdown`` says where its time goes, in CPU seconds per
+  iteration: sampling (of which env steps and the module's forward; the rest is RLlib's episode,
+  connector and metrics bookkeeping) and the learner update (of which the layout connector: stream
+  layout and the value pass; the rest is the training phase).
 
 The issue-13 goal is core and bridges >= 0.7x the plain loop. No assertion: read the table.
 """
@@ -117,7 +117,11 @@ class PlainLoop:
 
 
 class RLlibBridge:
-    """``metta-bridges train --framework rllib``'s algorithm, one ``algo.train()`` per iteration."""
+    """``metta-bridges train --framework rllib``'s algorithm, one ``algo.train()`` per iteration.
+
+    ``breakdown`` holds, per iteration, the CPU seconds of this process spent in the env runner's
+    ``sample()`` (of which the vector env's ``step`` and the module's forward) and in the learner's
+    ``update()`` (of which the layout connector, ``_make_batch_if_necessary``)."""
 
     def __init__(self, env_id: str, num_envs: int) -> None:
         from bridges.rllib.cluster import init_private_ray
@@ -128,20 +132,31 @@ class RLlibBridge:
                          minibatch_size=MINIBATCH, update_epochs=EPOCHS, progress=False)
         self.algo = build_config(args).build_algo()
         self.breakdown: list[dict[str, float]] = []
+        self._cpu: dict[str, float] = {}
+        runner, learner = self.algo.env_runner, self.algo.learner_group._learner
+        for obj, method, key in ((runner, "sample", "sampling"), (runner.env, "step", "env_step"),
+                                 (runner.module, "forward_exploration", "module_forward"),
+                                 (learner, "update", "learner_update"),
+                                 (learner, "_make_batch_if_necessary", "layout_connector")):
+            self._time(obj, method, key)
+
+    def _time(self, obj, method: str, key: str) -> None:
+        """Replace ``obj.method`` by a wrapper adding its CPU time to ``self._cpu[key]``."""
+        inner = getattr(obj, method)
+
+        def timed_call(*args, **kwargs):
+            started = time.process_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._cpu[key] = self._cpu.get(key, 0.0) + time.process_time() - started
+
+        setattr(obj, method, timed_call)
 
     def iteration(self) -> None:
-        from ray.rllib.utils.metrics import (
-            ENV_RUNNER_RESULTS, ENV_RUNNER_SAMPLING_TIMER, ENV_STEP_TIMER, LEARNER_UPDATE_TIMER,
-            RLMODULE_INFERENCE_TIMER, TIMERS,
-        )
-
-        result = self.algo.train()
-        runners, timers = result[ENV_RUNNER_RESULTS], result[TIMERS]
-        steps = BATCH // self.algo.env_runner.num_envs // len(self.algo.env_runner.env.envs[0].unwrapped.possible_agents)
-        self.breakdown.append({
-            "sampling_s": timers[ENV_RUNNER_SAMPLING_TIMER], "learner_update_s": timers[LEARNER_UPDATE_TIMER],
-            "env_step_s": runners[ENV_STEP_TIMER] * steps, "module_forward_s": runners[RLMODULE_INFERENCE_TIMER] * steps,
-        })
+        self._cpu = {}
+        self.algo.train()
+        self.breakdown.append({f"{k}_cpu_s": v for k, v in self._cpu.items()})
 
     def close(self) -> None:
         import ray
