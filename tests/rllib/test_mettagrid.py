@@ -306,3 +306,11 @@ def test_overlapping_and_inconsistent_chunks_are_refused(steps):
                         extra_model_outputs={"agent_0": {Columns.ACTION_LOGP: np.float32(0)}})
     with pytest.raises(MettaError, match=r"expected one stream and consecutive steps"):
         pack_streams(list(broken.agent_episodes.values()), HORIZON)
+
+
+def test_a_recurrent_policy_with_mettagrid_is_refused():
+    from bridges.rllib.train import build_config
+    from metta_core.run import TrainArgs
+
+    with pytest.raises(MettaError, match=r"--policy lstm with --env mettagrid:arena-8: .*GridCNN only; use --policy mlp"):
+        build_config(TrainArgs(framework="rllib", env="mettagrid:arena-8", policy="lstm"))
