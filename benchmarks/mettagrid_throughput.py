@@ -17,7 +17,13 @@ in turn (four, each with its own env):
 * ``torchrl``: ``TorchRLRun.iteration`` (``MettaGridEnv`` + ``Collector`` + ``MettaPPOPhase``) with
   the same network; its batch is the smallest multiple of both ``rows x horizon`` and the minibatch
   size that is >= ``BATCH`` (TorchRL rows are whole: 6144 on arena-24 with 2 envs), the same
-  minibatch size and epochs.
+  minibatch size and epochs;
+* ``rllib``: ``algo.train()`` of ``metta-bridges train --framework rllib`` (``MettaGridMultiAgentEnv``
+  per simulation, ``GridCNNModule``, ``MettaPPOLearner``; env runner and learner in this process, so
+  the CPU time is comparable). ``rllib_breakdown`` says where its time goes, in CPU seconds per
+  iteration: sampling (of which env steps and the module's forward; the rest is RLlib's episode,
+  connector and metrics bookkeeping) and the learner update (of which the layout connector: stream
+  layout and the value pass; the rest is the training phase).
 
 The issue-13 goal is core and bridges >= 0.7x the plain loop. No assertion: read the table.
 """
@@ -110,6 +116,55 @@ class PlainLoop:
                 self.optimizer.step()
 
 
+class RLlibBridge:
+    """``metta-bridges train --framework rllib``'s algorithm, one ``algo.train()`` per iteration.
+
+    ``breakdown`` holds, per iteration, the CPU seconds of this process spent in the env runner's
+    ``sample()`` (of which the vector env's ``step`` and the module's forward) and in the learner's
+    ``update()`` (of which the layout connector, ``_make_batch_if_necessary``)."""
+
+    def __init__(self, env_id: str, num_envs: int) -> None:
+        from bridges.rllib.cluster import init_private_ray
+        from bridges.rllib.train import build_config
+
+        init_private_ray()
+        args = TrainArgs(framework="rllib", env=env_id, num_envs=num_envs, batch_size=BATCH, bptt_horizon=HORIZON,
+                         minibatch_size=MINIBATCH, update_epochs=EPOCHS, progress=False)
+        self.algo = build_config(args).build_algo()
+        self.breakdown: list[dict[str, float]] = []
+        self._cpu: dict[str, float] = {}
+        runner, learner = self.algo.env_runner, self.algo.learner_group._learner
+        for obj, method, key in ((runner, "sample", "sampling"), (runner.env, "step", "env_step"),
+                                 (runner.module, "forward_exploration", "module_forward"),
+                                 (learner, "update", "learner_update"),
+                                 (learner, "_make_batch_if_necessary", "layout_connector")):
+            self._time(obj, method, key)
+
+    def _time(self, obj, method: str, key: str) -> None:
+        """Replace ``obj.method`` by a wrapper adding its CPU time to ``self._cpu[key]``."""
+        inner = getattr(obj, method)
+
+        def timed_call(*args, **kwargs):
+            started = time.process_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._cpu[key] = self._cpu.get(key, 0.0) + time.process_time() - started
+
+        setattr(obj, method, timed_call)
+
+    def iteration(self) -> None:
+        self._cpu = {}
+        self.algo.train()
+        self.breakdown.append({f"{k}_cpu_s": v for k, v in self._cpu.items()})
+
+    def close(self) -> None:
+        import ray
+
+        self.algo.stop()
+        ray.shutdown()
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mettagrid_throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,8 +180,9 @@ def main(argv=None) -> dict:
     torchrl_batch = -(-BATCH // block) * block
     torchrl = TorchRLRun(TrainArgs(framework="torchrl", env=args.env, num_envs=args.num_envs, batch_size=torchrl_batch,
                                    bptt_horizon=HORIZON, minibatch_size=MINIBATCH, update_epochs=EPOCHS, progress=False))
+    rllib = RLlibBridge(args.env, args.num_envs)
     runs = {"random": RandomStepping(args.env, args.num_envs), "plain loop": PlainLoop(args.env, args.num_envs),
-            "core": core, "torchrl": torchrl}
+            "core": core, "torchrl": torchrl, "rllib": rllib}
     batches = {name: torchrl_batch if name == "torchrl" else BATCH for name in runs}
     for run in runs.values():  # warm-up
         run.iteration()
@@ -144,7 +200,9 @@ def main(argv=None) -> dict:
     result = {"env": args.env, "rows": core.env.num_agents, "batch": BATCH, "torchrl_batch": torchrl_batch,
               "minibatch": MINIBATCH, "epochs": EPOCHS, "table": table,
               **{f"{name}_over_plain_{unit}": table[name][f"agent_steps_per_{key}"] / plain[f"agent_steps_per_{key}"]
-                 for name in ("core", "torchrl") for unit, key in (("wall", "s"), ("cpu", "cpu_s"))}}
+                 for name in ("core", "torchrl", "rllib") for unit, key in (("wall", "s"), ("cpu", "cpu_s"))},
+              "rllib_breakdown": {k: statistics.median(b[k] for b in rllib.breakdown[1:]) for k in rllib.breakdown[0]}}
+    rllib.close()
     print(json.dumps(result, indent=2))
     write_json(args.json, result)
     return result

@@ -235,13 +235,10 @@ def preflight(args: TrainArgs) -> None:
 
 def _check_env_spaces(args: TrainArgs) -> None:
     """The networks of every framework read a flat Box observation; core and rllib act in Discrete or
-    Box spaces, the torchrl run in Discrete ones. MettaGrid presets are checked when built (core, torchrl)."""
+    Box spaces, the torchrl run in Discrete ones. MettaGrid presets are checked when built (every framework)."""
     import gymnasium as gym
 
     if is_mettagrid(args.env):
-        if args.framework == "rllib":
-            raise MettaError(f"--env {args.env} trains with --framework core or torchrl only for now (issue 13); "
-                             f"use --framework core or torchrl")
         return
 
     try:

@@ -1,4 +1,5 @@
-"""Metta's PPO on RLlib's new API stack: learner, layout connector, module loss mixin, config.
+"""Metta's PPO on RLlib's new API stack: learner, layout connector, module loss mixin, config, and
+MettaGrid as a ``MultiAgentEnv`` with the core's ``GridCNN`` as an RLModule.
 
     from bridges.rllib import metta_ppo_config
     algo = metta_ppo_config("CartPole-v1", batch_size=4096, bptt_horizon=16).build_algo()
@@ -13,10 +14,12 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "GridCNNModule": "bridges.rllib.grid_module",
     "LAYOUT_COLUMNS": "bridges.rllib.layout",
     "MettaColumns": "bridges.rllib.layout",
     "MettaLayoutConnector": "bridges.rllib.layout",
     "check_metta_batch": "bridges.rllib.layout",
+    "MettaGridMultiAgentEnv": "bridges.rllib.mettagrid_env",
     "MettaPPOLearner": "bridges.rllib.learner",
     "MettaRecurrentModule": "bridges.rllib.recurrent",
     "MettaSelfSupervisedLoss": "bridges.rllib.loss",

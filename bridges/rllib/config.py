@@ -37,7 +37,9 @@ experience_replay.*``,
 RLlib settings fixed here: ``use_kl_loss=False``, ``shuffle_batch_per_epoch=False`` (Metta samples
 whole segments), ``add_default_connectors_to_learner_pipeline=False`` (``MettaLayoutConnector`` is
 the learner pipeline), ``learner_class=MettaPPOLearner``. The learning rate stays RLlib's
-``lr`` (``config.training(lr=...)``).
+``lr`` (``config.training(lr=...)``). With several agents (a multi-agent ``policies`` set) the batch
+sizes count agent-steps, one buffer row per agent: ``config.multi_agent(count_steps_by=
+"agent_steps")`` is required (``"env_steps"`` is refused when the learner is built).
 """
 
 from __future__ import annotations
@@ -136,6 +138,12 @@ def _refuse_unsupported(config) -> None:
             f"config.use_kl_loss={config.use_kl_loss}, kl_coeff={config.kl_coeff}: Metta's PPO has no KL penalty "
             f"(its target_kl stops the phase early instead); leave use_kl_loss=False and kl_coeff=0 and set "
             f"metta_ppo_config(target_kl=...)"
+        )
+    if config.is_multi_agent and config.count_steps_by != "agent_steps":
+        raise MettaError(
+            f"config.count_steps_by is {config.count_steps_by!r} with several agents (policies "
+            f"{sorted(config.policies)}); Metta's batch_size and minibatch_size count agent-steps (one buffer row "
+            f"per agent): set config.multi_agent(count_steps_by='agent_steps')"
         )
     if config.grad_clip_by != "global_norm":
         raise MettaError(

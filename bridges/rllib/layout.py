@@ -36,6 +36,12 @@ chunk whose slot ``L`` does not land in a row's last column is followed by one m
 (``done = 1``) whose reward is the bootstrap value ``V(o_L)``: then ``A[L] = 0`` exactly, as in a
 row's last column (the recursion's ``delta_L = V(o_L) + 0 - V(o_L)``).
 
+Per-agent streams (``pack_streams``): when every chunk's infos carry ``metta_stream`` and
+``metta_t`` (``bridges.rllib.MettaGridMultiAgentEnv`` sets them), each agent's chunks are chained
+into the agent's own stream, Metta's same-step layout (a chunk's last observation is the next
+chunk's first), and cut into rows in the core's order; see ``pack_streams``. Otherwise chunks are
+laid out one by one as above (feed-forward modules; stateful modules always use ``pack_chunks_stateful``).
+
 ``Columns.ADVANTAGES`` holds the first-pass advantages ``A0`` (``compute_advantage`` with ratio 1,
 zero on masked slots); ``Columns.VF_PREDS`` the values of the module before the update.
 """
@@ -358,6 +364,148 @@ def pack_chunks_stateful(episodes: list, horizon: int, module, zero_at_start: bo
     return columns
 
 
+STREAM_KEY = "metta_stream"
+"""Info key of the env that produced a step (``MettaGridMultiAgentEnv``: ``(worker_index, instance)``)."""
+STEP_KEY = "metta_t"
+"""Info key of that env's step count at an observation, over all its episodes."""
+
+
+def _stream_position(episode) -> tuple[Any, int] | None:
+    """``(stream, first step)`` of a chunk whose infos carry ``STREAM_KEY``/``STEP_KEY``, else ``None``."""
+    infos = episode.get_infos()
+    first, last = (infos[0], infos[-1]) if len(infos) else ({}, {})
+    if not (isinstance(first, dict) and STREAM_KEY in first and STEP_KEY in first):
+        return None
+    if last.get(STREAM_KEY) != first[STREAM_KEY] or last.get(STEP_KEY) != first[STEP_KEY] + len(episode):
+        raise MettaError(
+            f"MettaLayoutConnector: episode chunk {episode.id_!r} (agent {episode.agent_id!r}) has infos "
+            f"{STREAM_KEY}/{STEP_KEY} {first[STREAM_KEY]}/{first[STEP_KEY]} .. {last.get(STREAM_KEY)}/"
+            f"{last.get(STEP_KEY)} for {len(episode)} steps; expected one stream and consecutive steps (the env "
+            f"must count every step once, as bridges.rllib.MettaGridMultiAgentEnv does)"
+        )
+    return first[STREAM_KEY], int(first[STEP_KEY])
+
+
+def _agent_order(agent_id: Any) -> tuple:
+    """Sort key of an agent id: ``agent_<n>`` by ``n`` (row order), other ids after, by name."""
+    text = str(agent_id)
+    index = text.rpartition("_")[2]
+    return (0, int(index), "") if index.isdigit() else (1, 0, text)
+
+
+def _stream_runs(chunks: list) -> list[list]:
+    """One agent's chunks ``(first step, episode, arrays)`` in step order, cut where a chunk does not
+    start at the step where the previous one ended (a chunk this learner did not receive)."""
+    runs: list[list] = []
+    for chunk in sorted(chunks, key=lambda c: c[0]):
+        first, episode, _ = chunk
+        if runs:
+            prev_first, prev_episode, _ = runs[-1][-1]
+            prev_end = prev_first + len(prev_episode)
+            if first < prev_end:
+                raise MettaError(
+                    f"MettaLayoutConnector: agent {episode.agent_id!r} has overlapping chunks (steps "
+                    f"{prev_first}..{prev_end} and {first}..{first + len(episode)} of one stream); each step "
+                    f"must reach the learner once"
+                )
+            if first == prev_end:
+                runs[-1].append(chunk)
+                continue
+        runs.append([chunk])
+    return runs
+
+
+def _run_columns(run: list) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """An agent's contiguous chunks as one stream of ``M`` steps (Metta's same-step layout: a chunk's
+    last observation is dropped, the next chunk's first observation takes its reward and done), and
+    the final ``(observation, reward, done)`` after the last step."""
+    arrays = [arrays for _, _, arrays in run]
+    steps = {
+        Columns.OBS: np.concatenate([obs[:-1] for obs, *_ in arrays]),
+        Columns.ACTIONS: np.concatenate([actions for _, actions, _, _ in arrays]),
+        Columns.ACTION_LOGP: np.concatenate([logp for *_, logp in arrays]),
+    }
+    total = len(steps[Columns.ACTIONS])
+    rewards = np.zeros(total + 1, np.float32)
+    dones = np.zeros(total + 1, np.float32)
+    end = 0
+    for (_, episode, (_, _, chunk_rewards, _)) in run:
+        if not np.isfinite(chunk_rewards).all():
+            _check_finite_rewards(episode, chunk_rewards)
+        rewards[end + 1 : end + 1 + len(chunk_rewards)] = chunk_rewards
+        end += len(chunk_rewards)
+        dones[end] = float(episode.is_terminated)
+    steps[Columns.REWARDS], steps[Columns.TERMINATEDS] = rewards[:total], dones[:total]
+    final = {Columns.OBS: arrays[-1][0][-1], Columns.REWARDS: rewards[total], Columns.TERMINATEDS: dones[total]}
+    return steps, final
+
+
+def pack_streams(episodes: list, horizon: int) -> dict[str, np.ndarray] | None:
+    """Chunks that carry stream infos -> one row stream per agent, in the core's row order; ``None``
+    if ``episodes`` is empty or a chunk has no stream infos (then ``pack_chunks`` lays them out).
+
+    Each agent's chunks (grouped by ``(info[STREAM_KEY], agent id)``, chained by ``info[STEP_KEY]``)
+    form Metta's stream: ``o_t, a_t`` in slot ``t``, the reward and terminal flag that led into
+    ``o_t`` in slot ``t`` (0 in a stream's first slot, which is never read), episodes back to back
+    with the next episode's first observation in the slot after the last action (same-step
+    autoreset, as ``MettaGridEnvironment`` hands it to the core). The stream is cut into rows of
+    ``horizon`` (no bootstrap past a row, SPEC §1-2); with equal stream lengths, row ``b * agents + i``
+    is block ``b`` of the ``i``-th stream (sorted by stream, then ``agent_<n>`` by ``n``): the rows the
+    core's ``Experience`` fills from ``agents`` rows. A stream's last ``m < horizon`` steps go in a row
+    of their own, right-aligned after masked padding, followed by the final observation as a masked
+    bootstrap slot (``pack_chunks``' truncated-chunk rule); such tails come after all full rows.
+    """
+    streams: dict[tuple, list] = defaultdict(list)
+    for episode in episodes:
+        if not len(episode):
+            continue
+        position = _stream_position(episode)
+        if position is None:
+            return None
+        stream, first = position
+        streams[(stream, episode.agent_id)].append((first, episode, _episode_arrays(episode)))
+    if not streams:
+        return None
+    blocks: list[list[dict[str, np.ndarray]]] = []
+    tails: list[tuple[dict, dict]] = []
+    for key in sorted(streams, key=lambda k: (k[0], _agent_order(k[1]))):
+        rows = []
+        for run in _stream_runs(streams[key]):
+            steps, final = _run_columns(run)
+            full = len(steps[Columns.ACTIONS]) // horizon * horizon
+            rows += [{c: v[s : s + horizon] for c, v in steps.items()} for s in range(0, full, horizon)]
+            if full < len(steps[Columns.ACTIONS]):
+                tails.append(({c: v[full:] for c, v in steps.items()}, final))
+        for b, row in enumerate(rows):
+            if b == len(blocks):
+                blocks.append([])
+            blocks[b].append(row)
+    ordered = [row for block in blocks for row in block]
+    total = (len(ordered) + len(tails)) * horizon
+    sample = next(iter(streams.values()))[0][2]
+    out = {
+        Columns.OBS: np.zeros((total, *sample[0].shape[1:]), sample[0].dtype),
+        Columns.ACTIONS: np.zeros((total, *sample[1].shape[1:]), sample[1].dtype),
+        Columns.ACTION_LOGP: np.zeros(total, np.float32),
+        Columns.REWARDS: np.zeros(total, np.float32),
+        Columns.TERMINATEDS: np.zeros(total, np.float32),
+        Columns.LOSS_MASK: np.zeros(total, bool),
+    }
+    for r, row in enumerate(ordered):
+        for c, v in row.items():
+            out[c][r * horizon : (r + 1) * horizon] = v
+        out[Columns.LOSS_MASK][r * horizon : (r + 1) * horizon] = True
+    for k, (steps, final) in enumerate(tails):
+        end = (len(ordered) + k + 1) * horizon  # the bootstrap slot is the row's last column
+        start = end - 1 - len(steps[Columns.ACTIONS])
+        for c, v in steps.items():
+            out[c][start : end - 1] = v
+        out[Columns.LOSS_MASK][start : end - 1] = True
+        for c, v in final.items():
+            out[c][end - 1] = v
+    return out
+
+
 def empty_slots(module, num_slots: int) -> dict[str, np.ndarray]:
     """``num_slots`` fully masked padding slots for ``module``'s spaces (zeros, mask False)."""
     obs, act = module.observation_space, module.action_space
@@ -434,7 +582,9 @@ class MettaLayoutConnector(ConnectorV2):
             if module.is_stateful():
                 columns = pack_chunks_stateful(episodes, self.horizon, module, self.zero_state_at_rollout_start)
             else:
-                columns = pack_chunks(episodes, self.horizon)
+                columns = pack_streams(episodes, self.horizon)
+                if columns is None:
+                    columns = pack_chunks(episodes, self.horizon)
             batch[module_id] = self.finish(module, empty_slots(module, 0) if columns is None else columns)
         return batch
 

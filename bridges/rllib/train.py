@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,10 +21,12 @@ import ray
 from ray.rllib.algorithms.ppo import PPOConfig as RLlibPPOConfig
 from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
     LEARNER_RESULTS,
+    NUM_AGENT_STEPS_SAMPLED_LIFETIME,
     NUM_ENV_STEPS_SAMPLED_LIFETIME,
 )
 
@@ -33,8 +36,12 @@ from bridges.rllib.module import OrthogonalInitPPOModule
 from bridges.rllib.recurrent import MettaRecurrentModule
 from metta_core import cartpole_no_velocity
 from bridges.rllib.settings import RLlibSettings
+from metta_core.envs import is_mettagrid
 from metta_core.errors import MettaError
-from metta_core.run import ReturnTracker, TrainArgs, checkpoint_header, drive, preflight, verify_header
+from metta_core.run import (
+    ReturnTracker, TrainArgs, checkpoint_header, drive, preflight, target_return, verify_header,
+)
+from metta_core.runlog import REWARD_RATE_KEY, RETURN_KEY
 
 LEARNER_KEYS = (
     "policy_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "importance", "current_logprobs",
@@ -43,28 +50,86 @@ LEARNER_KEYS = (
 
 
 EPISODE_RETURNS_KEY = "metta_episode_returns"
-"""Env-runner metric: every finished episode's return (an item series), for the 100-episode mean."""
+"""Env-runner metric: every finished episode's return (an item series), for the 100-episode mean;
+per agent for multi-agent episodes (MettaGrid: the core's per-agent episode return)."""
+REWARD_SUM_KEY = "metta_reward_sum"
+"""Env-runner metric: the rewards of each ``sample()`` call summed over agents and steps (an item series)."""
+AGENT_STEPS_KEY = "metta_agent_steps"
+"""Env-runner metric: the agent-steps of each ``sample()`` call (an item series)."""
+
+SHARED_MODULE_ID = "shared"
+"""The one module every MettaGrid agent maps to (not RLlib's ``default_policy``: with that id alone
+RLlib would treat the run as single-agent)."""
+
+
+def _agent_chunks(chunk) -> dict:
+    """``{key: single-agent chunk}``: a multi-agent chunk's agents (key ``(episode id, agent id)``) or
+    the chunk itself (key its episode id)."""
+    if hasattr(chunk, "agent_episodes"):
+        return {(chunk.id_, aid): sa for aid, sa in chunk.agent_episodes.items()}
+    return {chunk.id_: chunk}
 
 
 class EpisodeReturns(RLlibCallback):
-    """Report each finished episode's return, so the driver keeps the same mean as the core trainer.
+    """Report each finished episode's return (each agent's, for a multi-agent episode), so the driver
+    keeps the same mean as the core trainer, and per ``sample()`` the rewards and agent-steps (the
+    core's ``reward_per_agent_step``).
 
     An episode longer than a rollout fragment arrives in chunks; ``on_episode_end`` sees only the
-    last one, so the returns of its earlier chunks are kept here by episode id.
+    last one, so the returns of its earlier chunks are kept here by episode (and agent) id.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._earlier_chunks: dict[str, float] = {}
+        self._earlier_chunks: dict = {}
 
-    def on_sample_end(self, *, samples, **kwargs) -> None:
+    def on_sample_end(self, *, samples, metrics_logger=None, **kwargs) -> None:
+        reward_sum, agent_steps = 0.0, 0
         for chunk in samples:
-            if not chunk.is_done:
-                self._earlier_chunks[chunk.id_] = self._earlier_chunks.get(chunk.id_, 0.0) + float(chunk.get_return())
+            for key, part in _agent_chunks(chunk).items():
+                ret = float(part.get_return())
+                reward_sum += ret
+                agent_steps += len(part)
+                if not chunk.is_done:
+                    self._earlier_chunks[key] = self._earlier_chunks.get(key, 0.0) + ret
+        if metrics_logger is not None:
+            metrics_logger.log_value(REWARD_SUM_KEY, reward_sum, reduce="item_series")
+            metrics_logger.log_value(AGENT_STEPS_KEY, agent_steps, reduce="item_series")
 
     def on_episode_end(self, *, episode, metrics_logger=None, **kwargs) -> None:
-        total = self._earlier_chunks.pop(episode.id_, 0.0) + float(episode.get_return())
-        metrics_logger.log_value(EPISODE_RETURNS_KEY, total, reduce="item_series")
+        for key, part in _agent_chunks(episode).items():
+            total = self._earlier_chunks.pop(key, 0.0) + float(part.get_return())
+            metrics_logger.log_value(EPISODE_RETURNS_KEY, total, reduce="item_series")
+
+
+def shared_module(agent_id, episode, **kwargs) -> str:
+    """``policy_mapping_fn`` of the MettaGrid runs: every agent to ``SHARED_MODULE_ID``."""
+    return SHARED_MODULE_ID
+
+
+def _series_sum(runners: dict, key: str) -> float:
+    """The sum of an item-series metric (a series of one item arrives as a bare number)."""
+    return float(np.ravel(np.asarray(runners.get(key, []), dtype=np.float64)).sum())
+
+
+def _mettagrid_settings(config, args: TrainArgs):
+    """A MettaGrid preset: ``MettaGridMultiAgentEnv`` per simulation, every agent mapped to one
+    ``GridCNNModule`` (the core's ``GridCNN`` init for ``args.seed``), batch sizes in agent-steps."""
+    from bridges.rllib.grid_module import GridCNNModule
+    from bridges.rllib.mettagrid_env import MettaGridMultiAgentEnv
+
+    if args.policy != "mlp":
+        raise MettaError(f"--policy {args.policy} with --env {args.env}: the RLlib bridge trains MettaGrid with the "
+                         f"core's GridCNN only; use --policy mlp")
+    probe = MettaGridMultiAgentEnv({"env": args.env})
+    scale = probe.feature_scale.tolist()
+    probe.close()
+    module = RLModuleSpec(module_class=GridCNNModule, model_config={"seed": args.seed, "feature_scale": scale})
+    return (
+        config.environment(MettaGridMultiAgentEnv, env_config={"env": args.env, "seed": args.seed})
+        .multi_agent(policies={SHARED_MODULE_ID}, policy_mapping_fn=shared_module, count_steps_by="agent_steps")
+        .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs={SHARED_MODULE_ID: module}))
+    )
 
 
 def module_spec(args: TrainArgs) -> tuple[RLModuleSpec, dict[str, Any]]:
@@ -98,10 +163,8 @@ def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
     settings = settings or RLlibSettings()
     runners = max(1, settings.num_env_runners)
     lr = [[0, args.learning_rate], [args.total_timesteps, 0.0]] if args.anneal_lr else args.learning_rate
-    spec, model_config = module_spec(args)
-    return (
-        config.environment(env_id(args.env))
-        .env_runners(
+    config = (
+        config.env_runners(
             num_env_runners=settings.num_env_runners,
             num_envs_per_env_runner=max(1, args.num_envs // runners),
             rollout_fragment_length="auto",
@@ -109,10 +172,13 @@ def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
         .fault_tolerance(restart_failed_env_runners=settings.restart_failed_env_runners)
         .learners(num_learners=settings.num_learners)
         .training(lr=lr)
-        .rl_module(rl_module_spec=spec, model_config=model_config)
         .callbacks(EpisodeReturns)
         .debugging(seed=args.seed)
     )
+    if is_mettagrid(args.env):
+        return _mettagrid_settings(config, args)
+    spec, model_config = module_spec(args)
+    return config.environment(env_id(args.env)).rl_module(rl_module_spec=spec, model_config=model_config)
 
 
 def build_config(args: TrainArgs, settings: RLlibSettings | None = None):
@@ -180,24 +246,38 @@ class RLlibRun:
         if resume is not None:
             verify_rllib_checkpoint(Path(resume), args)
         self.args = args
+        self.agent_steps = config.count_steps_by == "agent_steps"
+        self.module_id = SHARED_MODULE_ID if is_mettagrid(args.env) else DEFAULT_MODULE_ID
+        self.curve_key = REWARD_RATE_KEY if is_mettagrid(args.env) else RETURN_KEY
         self.algo = config.build_algo()
-        self.returns = ReturnTracker(args.target_return)
+        self.returns = ReturnTracker(target_return(args))
         self.env_steps = 0
         if resume is not None:
             self.algo.restore_from_path(os.path.abspath(resume))
             # RLlib's lifetime step counter is restored; start from it, so the first row's
             # steps_per_second counts only the steps of that iteration
-            self.env_steps = int(self.algo.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
+            self.env_steps = self._steps(self.algo.metrics.peek(ENV_RUNNER_RESULTS, default={}))
             if (Path(resume) / RETURNS_FILE).exists():
                 self.returns.load_state_dict(json.loads((Path(resume) / RETURNS_FILE).read_text()))
+            if is_mettagrid(args.env):
+                print("metta-bridges: MettaGrid simulators are not in checkpoints; the resumed run starts fresh "
+                      "episodes", file=sys.stderr)
+
+    def _steps(self, runners: dict) -> int:
+        """Lifetime steps sampled: agent-steps (summed over agent ids) when batches count them."""
+        if self.agent_steps:
+            per_agent = runners.get(NUM_AGENT_STEPS_SAMPLED_LIFETIME, {})
+            return int(sum(per_agent.values())) if isinstance(per_agent, dict) else int(per_agent)
+        return int(runners.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))
 
     def iteration(self) -> dict[str, float]:
-        """One ``algo.train()``; ``episode_return_mean`` is the mean of the last 100 episodes (as the core's)."""
+        """One ``algo.train()``; ``episode_return_mean`` is the mean of the last 100 episodes (as the
+        core's); MettaGrid rows add ``reward_per_agent_step`` over the iteration's samples."""
         started = time.perf_counter()
         result = self.algo.train()
         runners = result.get(ENV_RUNNER_RESULTS, {})
-        learner = result.get(LEARNER_RESULTS, {}).get(DEFAULT_MODULE_ID, {})
-        steps = int(runners.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))
+        learner = result.get(LEARNER_RESULTS, {}).get(self.module_id, {})
+        steps = self._steps(runners)
         # an item series of one episode arrives as a bare number
         self.returns.add(np.ravel(np.asarray(runners.get(EPISODE_RETURNS_KEY, []), dtype=np.float64)).tolist(), steps)
         row = {
@@ -206,6 +286,9 @@ class RLlibRun:
             "episodes": self.returns.episodes,
             "steps_per_second": (steps - self.env_steps) / max(time.perf_counter() - started, 1e-9),
         }
+        if self.curve_key == REWARD_RATE_KEY:
+            sampled = _series_sum(runners, AGENT_STEPS_KEY)
+            row[REWARD_RATE_KEY] = _series_sum(runners, REWARD_SUM_KEY) / sampled if sampled else float("nan")
         self.env_steps = steps
         row.update({k: float(learner[k]) for k in LEARNER_KEYS if k in learner})
         if "vf_loss" in row:
@@ -245,6 +328,9 @@ def train(args: TrainArgs, settings: RLlibSettings | None = None) -> dict[str, A
     its metrics in ``out_dir/native``.
     """
     preflight(args)
+    if args.compare_native and is_mettagrid(args.env):
+        raise MettaError(f"--compare-native with --env {args.env}: RLlib's own PPO on MettaGrid is not wired up "
+                         f"yet; drop --compare-native")
     if args.resume is not None:
         verify_rllib_checkpoint(Path(args.resume), args)
     settings = settings or RLlibSettings()

@@ -17,7 +17,6 @@ QUICK = quick_names()
 _RECURRENT = ("lstm_discrete_dones_truncations", "lstm_continuous", "gru_shared_backbone")
 PENDING = {
     **{("torchrl", name): "recurrent policies (issue 12, rec-torchrl)" for name in _RECURRENT},
-    ("rllib", "multi_agent_shared_policy"): "per-agent episodes as rows (issue 13, ma-rllib)",
 }
 """(framework, case) pairs whose runner reports UNSUPPORTED until the framework's support lands;
 remove a pair here when its runner's ``unsupported(case)`` stops naming the case."""

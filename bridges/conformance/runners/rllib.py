@@ -7,6 +7,13 @@ Gaussian); for a recurrent case the bridge's stateful ``MettaRecurrentModule`` (
 ``dones or truncateds`` in ``STATE_RESETS``, run on whole rows as ``MettaPPOLearner`` runs them. The batch is the case buffer in the bridge's Metta layout (``bridges.rllib.layout``):
 flat ``[segments * horizon]`` columns, every slot valid (``LOSS_MASK`` all True), ``ADVANTAGES``
 from the bridge's ``first_pass_advantage``.
+
+A multi-agent case (``layout.agents = A``) goes through RLlib's own containers instead: each
+group of ``A`` rows becomes ``MultiAgentEpisode``s of agents ``agent_0 .. agent_<A-1>`` (split at
+the terminal flags, same-step autoreset as ``bridges.rllib.MettaGridMultiAgentEnv`` delivers
+them, with its stream infos), and ``MettaLayoutConnector`` lays them out; the rows it makes must
+be the case's rows (checked on the observations), then the case's stored values are the batch's
+``VF_PREDS`` (computed in float64 by the case writer, as for the flat batch).
 """
 
 from __future__ import annotations
@@ -20,13 +27,14 @@ from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.core.distribution.torch.torch_distribution import TorchCategorical, TorchDiagGaussian
+from ray.rllib.env.multi_agent_episode import MultiAgentEpisode
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
 from metta_core.errors import MettaError
 from metta_core.policy import ActorCritic
 
 from bridges.rllib import MettaColumns, metta_loss_terms, metta_ppo_config
-from bridges.rllib.layout import first_pass_advantage
+from bridges.rllib.layout import STEP_KEY, STREAM_KEY, MettaLayoutConnector, first_pass_advantage
 from bridges.rllib.recurrent import STATE_RESETS, MettaRecurrentModule, flat_outputs, row_batch
 from metta_core.config import ADAM_EPS
 
@@ -45,8 +53,8 @@ PREFIX = "net."
 
 
 def unsupported(case: Case) -> str | None:
-    """Why this runner cannot run ``case`` yet (per-agent episodes), or None."""
-    return unsupported_features(case, recurrent=True, multi_agent=False)
+    """Why this runner cannot run ``case`` yet, or None (it runs recurrent and multi-agent cases)."""
+    return unsupported_features(case, recurrent=True, multi_agent=True)
 
 
 class ActorCriticModule(TorchRLModule, ValueFunctionAPI):
@@ -125,12 +133,72 @@ def _columns(case: Case) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _group_episodes(case: Case, group: int) -> list[MultiAgentEpisode]:
+    """Rows ``group * A .. group * A + A - 1`` of the case as the ``MultiAgentEpisode``s an env runner
+    returns: episodes end where the (shared) terminal flag is set, the observation after the last
+    action is a zero placeholder (the case has none; the connector drops it at a row's end)."""
+    data, agents = case.data, case.agents
+    rows = range(group * agents, (group + 1) * agents)
+    ids = [f"agent_{a}" for a in range(agents)]
+    horizon = data["values"].shape[1]
+    obs = np.concatenate([data["env_obs"][rows], np.zeros_like(data["env_obs"][rows][:, :1])], axis=1)
+    rewards = np.concatenate([data["rewards"][rows][:, 1:], np.zeros((agents, 1), np.float32)], axis=1)
+    ends = data["dones"][rows][:, 1:].astype(bool)  # ends[:, t]: the step after action t started a new episode
+
+    def info(t: int) -> dict:
+        return {a: {STREAM_KEY: (0, group), STEP_KEY: t} for a in ids}
+
+    episodes, episode = [], None
+    for t in range(horizon + 1):
+        if episode is None:
+            episode = MultiAgentEpisode(agent_to_module_mapping_fn=lambda agent_id, ep: DEFAULT_MODULE_ID)
+            episode.add_env_reset(observations={a: obs[i, t] for i, a in enumerate(ids)}, infos=info(t))
+        if t == horizon:
+            break
+        done = t + 1 < horizon and bool(ends[:, t].any())
+        episode.add_env_step(
+            observations={a: obs[i, t + 1] for i, a in enumerate(ids)},
+            actions={a: data["actions"][rows][i, t] for i, a in enumerate(ids)},
+            rewards={a: float(rewards[i, t]) for i, a in enumerate(ids)},
+            infos=info(t + 1),
+            terminateds={**{a: done for a in ids}, "__all__": done},
+            extra_model_outputs={a: {Columns.ACTION_LOGP: data["act_log_prob"][rows][i, t]} for i, a in enumerate(ids)},
+        )
+        if done:
+            episodes.append(episode.to_numpy())
+            episode = None
+    return episodes + [episode.to_numpy()]
+
+
+def _columns_from_episodes(case: Case, learner) -> dict[str, torch.Tensor]:
+    """The case through per-agent ``MultiAgentEpisode``s and ``MettaLayoutConnector``; ``VF_PREDS``
+    the case's values and ``ADVANTAGES`` recomputed from them, once the rows are checked."""
+    groups = case.data["values"].shape[0] // case.agents
+    episodes = [ep for g in range(groups) for ep in _group_episodes(case, g)]
+    connector = MettaLayoutConnector(ppo=case.ppo, horizon=case.trainer.bptt_horizon)
+    batch = dict(connector(rl_module=learner.module, batch={}, episodes=episodes)[DEFAULT_MODULE_ID])
+    flat = _columns(case)
+    horizon = case.trainer.bptt_horizon
+
+    def read(column: str, x: torch.Tensor) -> torch.Tensor:  # column 0 of rewards and dones is never read
+        return x.reshape(-1, horizon)[:, 1:] if column in (Columns.REWARDS, Columns.TERMINATEDS) else x
+
+    for column in (Columns.OBS, Columns.ACTIONS, Columns.ACTION_LOGP, Columns.REWARDS, Columns.TERMINATEDS,
+                   Columns.LOSS_MASK):
+        if not torch.equal(read(column, batch[column]), read(column, flat[column].to(batch[column].dtype))):
+            raise MettaError(f"case {case.name!r}: MettaLayoutConnector put the per-agent episodes' {column!r} in "
+                             f"other rows than the case's (rows env * agents + agent)")
+    batch[Columns.VF_PREDS] = flat[Columns.VF_PREDS]
+    batch[Columns.ADVANTAGES] = first_pass_advantage(batch, horizon, case.ppo)
+    return batch
+
+
 def run(case: Case) -> Measurement:
     """The one-minibatch check (the learner's loss and optimizer) and one ``learner.update`` phase."""
     ppo, trainer = case.ppo, case.trainer
     horizon = trainer.bptt_horizon
     learner, module = _learner(case)
-    columns = _columns(case)
+    columns = _columns_from_episodes(case, learner) if case.agents > 1 else _columns(case)
     idx = torch.from_numpy(case.idx)
     minibatch = tree.map_structure(lambda v: v.reshape(-1, horizon, *v.shape[1:])[idx].reshape(-1, *v.shape[1:]),
                                    columns)
@@ -152,7 +220,7 @@ def run(case: Case) -> Measurement:
         "epoch": case.config["trainer_epoch"],
         "generator": torch.Generator().manual_seed(case.config["sample_seed"]).get_state().numpy(),
     }})
-    results = learner.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(_columns(case))},
+    results = learner.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)},
                                                    env_steps=int(np.prod(case.data["values"].shape))))
     metrics = results[DEFAULT_MODULE_ID]
     phase = {k: float(metrics[STAT_KEYS.get(k, k)].peek()) for k in PHASE_STAT_NAMES if STAT_KEYS.get(k, k) in metrics}
