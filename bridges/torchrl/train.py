@@ -31,7 +31,7 @@ from typing import Any
 import gymnasium as gym
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModule, TensorDictSequential
+from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictSequential
 from torchrl.collectors import Collector
 from torchrl.envs import GymWrapper, RewardSum, TransformedEnv
 from torchrl.modules import ProbabilisticActor, ValueOperator
@@ -44,8 +44,8 @@ from metta_core.errors import MettaError
 from metta_core.phase import PhaseSizes, PhaseStats, clip_and_step, run_phase
 from metta_core.policy import mlp
 from metta_core.run import (
-    ReturnTracker, TrainArgs, announce_untrusted_resume, check_shapes, drive, make_checkpoint, preflight,
-    read_checkpoint, save_checkpoint, target_return,
+    ReturnTracker, TrainArgs, announce_untrusted_resume, build_policy, check_shapes, drive, make_checkpoint,
+    preflight, read_checkpoint, save_checkpoint, target_return,
 )
 from metta_core.runlog import REWARD_RATE_KEY, RETURN_KEY
 
@@ -53,6 +53,9 @@ from bridges.torchrl.layout import TIME_DIM_NAME
 from bridges.torchrl.loss import MettaPPOLoss
 from bridges.torchrl.mettagrid import HIDDEN_KEY, MettaGridEnv, grid_actor_critic
 from bridges.torchrl.phase import LOSS_PREFIX, MettaPPOPhase
+from bridges.torchrl.recurrent import (
+    add_recurrent_transforms, from_recurrent_actor_critic, recurrent_modules, zero_carried_state,
+)
 from bridges.torchrl.sampler import MettaSegmentSampler
 
 
@@ -89,6 +92,19 @@ def make_actor_critic(env: TransformedEnv, hidden_size: int) -> tuple[Probabilis
         return_log_prob=True,
     )
     critic = ValueOperator(mlp(obs_dim, hidden, 1, 1.0), in_keys=["observation"])
+    return actor, critic
+
+
+def make_recurrent_actor_critic(
+    env: TransformedEnv, cell: str, hidden_size: int,
+) -> tuple[ProbabilisticActor, TensorDictModuleBase]:
+    """``RecurrentActorCritic``'s network as TorchRL modules (``LSTMModule`` / ``GRUModule``), with the
+    weights of a core ``RecurrentActorCritic`` built here (the core run's init from the same seed);
+    ``InitTracker`` and the modules' primers are appended to ``env``."""
+    venv = env.base_env._env
+    core = build_policy(cell, venv.single_observation_space, venv.single_action_space, hidden_size)
+    actor, critic = from_recurrent_actor_critic(core, env.full_action_spec)
+    add_recurrent_transforms(env, actor, critic)
     return actor, critic
 
 
@@ -139,6 +155,9 @@ class TorchRLRun:
                              f"critic on ('next', 'hidden')); train without --compare-native")
         torch.manual_seed(args.seed)
         if self.mettagrid:
+            if args.policy != "mlp":
+                raise MettaError(f"--policy {args.policy}: the torchrl bridge trains --env {args.env} with the grid CNN "
+                                 f"only; use --policy mlp (recurrent policies train on gymnasium envs)")
             self.env: TransformedEnv | MettaGridEnv = make_mettagrid_env(args.env, args.num_envs, args.seed)
             grid = self.env.environment
             self.actor, self.critic = grid_actor_critic(
@@ -147,7 +166,11 @@ class TorchRLRun:
             )
         else:
             self.env = make_env(args.env, args.num_envs, args.seed)
-            self.actor, self.critic = make_actor_critic(self.env, args.hidden_size)
+            if args.policy == "mlp":
+                self.actor, self.critic = make_actor_critic(self.env, args.hidden_size)
+            else:
+                self.actor, self.critic = make_recurrent_actor_critic(self.env, args.policy, args.hidden_size)
+        self.recurrent = recurrent_modules(self.actor, self.critic)
         self.curve_key = REWARD_RATE_KEY if self.mettagrid else RETURN_KEY
         rows = self.env.batch_size.numel()
         if args.batch_size % (rows * args.bptt_horizon):
@@ -188,6 +211,8 @@ class TorchRLRun:
         """Collect one batch and train on it; returns the row to log."""
         started = time.perf_counter()
         data = next(self._batches)
+        if self.recurrent:  # Metta zeroes every agent's state when a rollout starts (SPEC §5 on_rollout_start)
+            zero_carried_state(self.collector, self.recurrent)
         self.env_steps += data.numel()
         reward_rate = {}
         if self.mettagrid:
