@@ -137,3 +137,129 @@ def _functional_grad(loss: MettaPPOLoss, name: str) -> torch.Tensor:
         if key[-1] == name and "lstm" in key:
             return p.grad
     raise KeyError(name)
+
+
+# --- bad input: MettaError naming the key / setting and the fix ------------------------------------------
+
+
+@pytest.fixture
+def lstm_loss_and_rows():
+    core = make_core("lstm")
+    actor, critic = from_recurrent_actor_critic(core)
+    _, rows = make_rows(core, RESETS["mid_row"])
+    return MettaPPOLoss(actor, critic), rows
+
+
+def test_missing_stored_state_is_refused(lstm_loss_and_rows):
+    loss, rows = lstm_loss_and_rows
+    with pytest.raises(MettaError, match=r"no stored state 'actor_lstm_c' of LSTMModule.*make_tensordict_primer"):
+        loss(rows.exclude("actor_lstm_c"))
+
+
+def test_missing_is_init_is_refused(lstm_loss_and_rows):
+    loss, rows = lstm_loss_and_rows
+    with pytest.raises(MettaError, match=r"no 'is_init' entry.*InitTracker"):
+        loss(rows.exclude("is_init"))
+
+
+def test_state_of_another_size_is_refused(lstm_loss_and_rows):
+    loss, rows = lstm_loss_and_rows
+    rows["critic_lstm_h"] = torch.zeros(B, T, 2, HIDDEN)
+    with pytest.raises(MettaError, match=r"'critic_lstm_h' has shape \(5, 7, 2, 8\), expected .* \(5, 7, 1, 8\)"):
+        loss(rows)
+
+
+def test_rows_cut_with_a_horizon_that_does_not_follow_the_envs_are_refused(lstm_loss_and_rows):
+    loss, rows = lstm_loss_and_rows
+    traj = torch.arange(B).unsqueeze(1).expand(B, T).clone()
+    traj[:, 2:] += 10 * rows["is_init"][:, 2:, 0].long().cumsum(1)  # new ids only where an episode starts
+    rows["collector", "traj_ids"] = traj
+    loss(rows)  # consistent: accepted
+    traj[1, 4:] += 100  # row 1 switches trajectory at column 4 with no is_init there
+    with pytest.raises(MettaError, match=r"row 1 jumps .* at column 4 .* horizon T=7 must divide"):
+        loss(rows)
+
+
+def test_modules_without_the_core_mapping_are_refused():
+    torch.manual_seed(0)
+    box = RecurrentActorCritic(gym.spaces.Box(-1, 1, (OBS,)), gym.spaces.Box(-1, 1, (2,)), HIDDEN)
+    with pytest.raises(MettaError, match="Box actions"):
+        from_recurrent_actor_critic(box)
+
+
+# --- the collector pipeline and the CLI run -------------------------------------------------------------
+
+TINY = dict(framework="torchrl", env="CartPoleNoVel-v1", num_envs=4, batch_size=128, bptt_horizon=16,
+            minibatch_size=64, update_epochs=2, hidden_size=8, progress=False, target_return=None)
+
+
+def test_run_starts_from_the_core_runs_weights(tmp_path):
+    from bridges.torchrl.train import TorchRLRun
+    from metta_core.run import CoreRun, TrainArgs
+
+    args = TrainArgs(**{**TINY, "framework": "core"}, policy="lstm", out_dir=tmp_path, total_timesteps=128, seed=5)
+    core = CoreRun(args)
+    run = TorchRLRun(TrainArgs(**TINY, policy="lstm", out_dir=tmp_path, total_timesteps=128, seed=5))
+    ours = [p.detach() for p in run.policy.parameters()]
+    theirs = [p.detach() for p in core.policy.parameters()]
+    assert len(ours) == len(theirs)
+    assert all(any(q.shape == p.shape and torch.equal(q, p) for q in theirs) for p in ours)
+    run.close()
+
+
+def test_collected_rows_store_metta_states():
+    """Stored states: zero where is_init (the primer resets them) and, with the carried state zeroed
+    between batches (Metta's rollout start), zero in every env's first column of the next batch."""
+    from bridges.torchrl.train import TorchRLRun
+    from metta_core.run import TrainArgs
+
+    run = TorchRLRun(TrainArgs(**TINY, policy="lstm", total_timesteps=10_000, seed=0))
+    first = next(run._batches)
+    carried = next(run._batches)  # the collector's own behaviour: the state carries into the batch
+    keys = ["actor_lstm_h", "actor_lstm_c", "critic_lstm_h", "critic_lstm_c"]
+    assert all(carried[k][:, 0].abs().sum() > 0 for k in keys)
+    run.iteration()  # collects and zeroes the carried state, as every iteration does
+    zeroed = next(run._batches)
+    for data in (first, carried, zeroed):
+        init = data["is_init"][..., 0]
+        assert all(data[k][init].abs().sum() == 0 for k in keys)
+        assert all(data[k][~init].abs().sum() > 0 for k in keys)
+    assert all(zeroed[k][:, 0].abs().sum() == 0 for k in keys)
+    run.close()
+
+
+def test_recurrent_resume_continues_exactly_and_another_policy_is_refused(tmp_path):
+    from bridges.torchrl.train import TorchRLRun, train
+    from metta_core.run import TrainArgs
+
+    args = TrainArgs(**TINY, policy="gru", out_dir=tmp_path, total_timesteps=10_000, seed=3)
+    straight = TorchRLRun(args)
+    straight.iteration()
+    straight.save(tmp_path / "ckpt.pt")
+    rows = [straight.iteration(), straight.iteration()]
+    expected = [p.detach().clone() for p in straight.loss.parameters()]
+    straight.close()
+    resumed = TorchRLRun(args)
+    resumed.load(tmp_path / "ckpt.pt", trust=True)
+    again = [resumed.iteration(), resumed.iteration()]
+    resumed.close()
+    for a, b in zip(rows, again):
+        a.pop("steps_per_second"), b.pop("steps_per_second")
+        assert a == b
+    assert all(torch.equal(p, q) for p, q in zip(expected, resumed.loss.parameters()))
+    with pytest.raises(MettaError, match="checkpoint was made with"):
+        train(TrainArgs(**TINY, policy="lstm", out_dir=tmp_path, total_timesteps=512, resume=tmp_path / "ckpt.pt"))
+
+
+@pytest.mark.slow
+def test_lstm_run_on_cartpole_improves(tmp_path):
+    from bridges.torchrl.train import train
+    from metta_core.run import TrainArgs
+
+    args = TrainArgs(framework="torchrl", env="CartPole-v1", policy="lstm", num_envs=8, batch_size=1024,
+                     minibatch_size=256, total_timesteps=20_480, progress=False, target_return=None, seed=0,
+                     out_dir=tmp_path)
+    train(args)
+    import json
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["episode_return_mean"] > 1.5 * rows[0]["episode_return_mean"], rows
