@@ -27,7 +27,6 @@ This module maps layouts and checks inputs; the cell math is ``torch.nn.LSTM`` /
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -36,13 +35,13 @@ from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictSequ
 from tensordict.utils import NestedKey
 from torch import Tensor, nn
 from torchrl.envs import InitTracker, TransformedEnv
-from torchrl.modules import GRUModule, LSTMModule, ProbabilisticActor
+from torchrl.modules import GRUModule, IndependentNormal, LSTMModule, ProbabilisticActor
 
 from metta_core.errors import MettaError
 from metta_core.recurrent_policy import STATE_KEYS, RecurrentActorCritic
 
 __all__ = [
-    "TRAJ_IDS", "Concat", "add_recurrent_transforms", "from_recurrent_actor_critic", "prepare_rows",
+    "TRAJ_IDS", "Concat", "NormalHead", "add_recurrent_transforms", "from_recurrent_actor_critic", "prepare_rows",
     "recurrent_modules", "state_keys", "zero_carried_state",
 ]
 
@@ -174,18 +173,33 @@ class Concat(nn.Module):
         return torch.cat(inputs, dim=-1)
 
 
-def _batch_first_copy(cell: nn.RNNBase) -> nn.RNNBase:
-    """The same cell with ``batch_first=True`` (what TorchRL's modules require) and the same weights."""
+class NormalHead(nn.Module):
+    """``features -> (loc, scale)``: the core's actor head and ``scale = exp(log_std)`` (``diagonal_normal``)."""
+
+    def __init__(self, head: nn.Module, log_std: nn.Parameter) -> None:
+        super().__init__()
+        self.head = head
+        self.log_std = log_std
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        loc = self.head(features)
+        return loc, self.log_std.exp().expand_as(loc)
+
+
+def _batch_first_view(cell: nn.RNNBase) -> nn.RNNBase:
+    """A ``batch_first=True`` cell (what TorchRL's modules require) holding ``cell``'s parameters
+    (the same tensors: ``RNNBase.__setattr__`` keeps its flat weights in sync)."""
     kind = nn.LSTM if isinstance(cell, nn.LSTM) else nn.GRU
-    copied = kind(cell.input_size, cell.hidden_size, cell.num_layers, batch_first=True)
-    copied.load_state_dict(cell.state_dict())
-    return copied
+    view = kind(cell.input_size, cell.hidden_size, cell.num_layers, batch_first=True)
+    for name in cell._flat_weights_names:
+        setattr(view, name, getattr(cell, name))
+    return view
 
 
 def from_recurrent_actor_critic(
     core: RecurrentActorCritic, action_spec: Any = None, *, observation_key: NestedKey = "observation",
 ) -> tuple[ProbabilisticActor, TensorDictModuleBase]:
-    """A TorchRL actor and critic with exactly ``core``'s architecture and (copied) weights.
+    """A TorchRL actor and critic with exactly ``core``'s architecture, holding ``core``'s parameters.
 
     Per trunk (``core.trunks``: one shared, or ``actor_`` / ``critic_``)::
 
@@ -193,17 +207,13 @@ def from_recurrent_actor_critic(
         cell_out = LSTMModule/GRUModule(encoded, stored state)  state keys = the core's buffer fields
         features = cat([encoded, cell_out])
 
-    then the core's heads: ``logits = actor(features)`` (Categorical) and ``state_value =
+    then the core's heads: a ``Categorical`` over ``logits = actor(features)`` (``Discrete``) or an
+    ``IndependentNormal(actor(features), exp(log_std))`` (``Box``), and ``state_value =
     critic(features)``. With a shared trunk the critic is the head alone and reads the actor
     trunk's ``features`` (TorchRL's ``ActorValueOperator`` pattern; ``MettaPPOLoss`` feeds it what
-    the actor wrote). Discrete actions only (``core.continuous`` is refused). The modules run
-    sequentially (one step) in a collector and in recurrent mode inside ``MettaPPOLoss``.
+    the actor wrote). The modules hold the same parameter tensors as ``core`` (training either
+    trains both); they run one step at a time in a collector and in recurrent mode in the loss.
     """
-    if core.continuous:
-        raise MettaError(
-            "from_recurrent_actor_critic builds a Categorical actor; the core policy has Box actions. Build the "
-            "TorchRL actor yourself (an IndependentNormal head on the trunk's features)"
-        )
     if core.condition_on_last_action:
         raise MettaError(
             "from_recurrent_actor_critic: condition_on_last_action=True has no TorchRL mapping here yet; build the "
@@ -215,25 +225,23 @@ def from_recurrent_actor_critic(
         wrapper = LSTMModule if isinstance(trunk.core, nn.LSTM) else GRUModule
         cell_name = "lstm" if wrapper is LSTMModule else "gru"
         prefix = keys[0][: -len(STATE_KEYS[cell_name][0])]  # "actor_" / "critic_", or "" for a shared trunk
-        cell_kwargs = {cell_name: _batch_first_copy(trunk.core)}
         modules = [
-            TensorDictModule(copy.deepcopy(trunk.encoder), in_keys=[observation_key], out_keys=[f"{prefix}encoded"]),
-            wrapper(**cell_kwargs, in_keys=[f"{prefix}encoded", *keys],
+            TensorDictModule(trunk.encoder, in_keys=[observation_key], out_keys=[f"{prefix}encoded"]),
+            wrapper(**{cell_name: _batch_first_view(trunk.core)}, in_keys=[f"{prefix}encoded", *keys],
                     out_keys=[f"{prefix}cell_out", *(("next", k) for k in keys)]),
             TensorDictModule(Concat(), in_keys=[f"{prefix}encoded", f"{prefix}cell_out"], out_keys=[f"{prefix}features"]),
         ]
         trunks.append((prefix, modules))
     actor_prefix, actor_trunk = trunks[0]
     critic_prefix, critic_trunk = trunks[-1]
-    actor = ProbabilisticActor(
-        TensorDictSequential(
-            *actor_trunk,
-            TensorDictModule(copy.deepcopy(core.actor), in_keys=[f"{actor_prefix}features"], out_keys=["logits"]),
-        ),
-        in_keys=["logits"], spec=action_spec, distribution_class=torch.distributions.Categorical,
-        return_log_prob=True,
-    )
-    head = TensorDictModule(copy.deepcopy(core.critic), in_keys=[f"{critic_prefix}features"], out_keys=["state_value"])
-    critic = head if len(trunks) == 1 else TensorDictSequential(*critic_trunk, head)
+    features = f"{actor_prefix}features"
+    if core.continuous:
+        head = TensorDictModule(NormalHead(core.actor, core.log_std), in_keys=[features], out_keys=["loc", "scale"])
+        dist: dict[str, Any] = {"in_keys": ["loc", "scale"], "distribution_class": IndependentNormal}
+    else:
+        head = TensorDictModule(core.actor, in_keys=[features], out_keys=["logits"])
+        dist = {"in_keys": ["logits"], "distribution_class": torch.distributions.Categorical}
+    actor = ProbabilisticActor(TensorDictSequential(*actor_trunk, head), spec=action_spec, return_log_prob=True, **dist)
+    value_head = TensorDictModule(core.critic, in_keys=[f"{critic_prefix}features"], out_keys=["state_value"])
+    critic = value_head if len(trunks) == 1 else TensorDictSequential(*critic_trunk, value_head)
     return actor, critic
-
