@@ -121,7 +121,10 @@ def native_clip_ppo(actor: ProbabilisticActor, critic: ValueOperator, args: Trai
         loss_critic_type="l2", normalize_advantage=cfg.norm_adv,
         clip_value=cfg.vf_clip_coef if cfg.clip_vloss else None, functional=functional,
     )
-    loss.make_value_estimator(GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic))
+    # torch.vmap has no batching rule for nn.LSTM/GRU: a recurrent critic is called in a plain loop
+    recurrent = bool(recurrent_modules(critic))
+    loss.make_value_estimator(GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic,
+                                  deactivate_vmap=recurrent))
     return loss
 
 
@@ -242,25 +245,28 @@ class TorchRLRun:
 
     def _train_native(self, data: TensorDictBase) -> dict[str, float]:
         """TorchRL's recipe: GAE over the whole ``[num_envs, S]`` batch, then per update epoch a
-        fresh permutation cut into flat minibatches; Metta's accumulation, clip and step."""
+        fresh permutation cut into flat minibatches (of whole ``bptt_horizon`` rows for a recurrent
+        policy, run in recurrent mode by ``ClipPPOLoss``); Metta's accumulation, clip and step."""
         data = data.exclude(self.loss.tensor_keys.value)  # GAE evaluates the critic on obs and next obs itself
         with torch.no_grad():
             self.loss.value_estimator(data, params=self.loss.critic_network_params.detach())
-        flat = data.reshape(-1)
-        mb_size = self.sizes["minibatch_size"]
+        # recurrent modules need whole rows (TorchRL's recurrent PPO recipe); an MLP takes single steps
+        flat = data.reshape(-1, self.args.bptt_horizon) if self.recurrent else data.reshape(-1)
+        mb_size = self.sizes["minibatch_segments"] if self.recurrent else self.sizes["minibatch_size"]
         tracked = PhaseStats()
-        order = torch.arange(flat.numel())
+        order = torch.arange(flat.shape[0])
 
         def minibatch(_epoch: int, mb_idx: int) -> tuple[torch.Tensor, bool]:
             nonlocal order
             if mb_idx == 0:
-                order = torch.randperm(flat.numel(), generator=self.generator)
+                order = torch.randperm(flat.shape[0], generator=self.generator)
             loss_td = self.loss(flat[order[mb_idx * mb_size:(mb_idx + 1) * mb_size]])
-            tracked.track({k: float(v.detach()) for k, v in loss_td.items()})
+            # on [B, T] rows ClipPPOLoss reports explained_variance and ESS per row: logged as their means
+            tracked.track({k: float(v.detach().mean()) for k, v in loss_td.items()})
             return sum(v for k, v in loss_td.items() if k.startswith(LOSS_PREFIX)), False
 
         sizes = PhaseSizes(
-            update_epochs=self.args.update_epochs, num_minibatches=flat.numel() // mb_size,
+            update_epochs=self.args.update_epochs, num_minibatches=flat.shape[0] // mb_size,
             minibatch_segments=self.sizes["minibatch_segments"],
             accumulate_minibatches=self.sizes["accumulate_minibatches"],
         )

@@ -261,3 +261,16 @@ def test_lstm_run_on_cartpole_improves(tmp_path):
     import json
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["episode_return_mean"] > 1.5 * rows[0]["episode_return_mean"], rows
+
+
+def test_native_comparison_trains_the_recurrent_network_on_whole_rows(tmp_path):
+    import json
+    import math
+
+    from bridges.torchrl.train import train
+    from metta_core.run import TrainArgs
+
+    summary = train(TrainArgs(**TINY, policy="lstm", out_dir=tmp_path, total_timesteps=256, compare_native=True))
+    rows = [json.loads(line) for line in (tmp_path / "native" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["native"]["framework"] == "torchrl-native" and len(rows) == 2
+    assert math.isfinite(rows[-1]["loss_objective"]) and math.isfinite(rows[-1]["loss_critic"])
