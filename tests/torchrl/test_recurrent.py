@@ -254,9 +254,10 @@ def test_lstm_run_on_cartpole_improves(tmp_path):
     from bridges.torchrl.train import train
     from metta_core.run import TrainArgs
 
-    args = TrainArgs(framework="torchrl", env="CartPole-v1", policy="lstm", num_envs=8, batch_size=1024,
-                     minibatch_size=256, total_timesteps=20_480, progress=False, target_return=None, seed=0,
-                     out_dir=tmp_path)
+    # ~25 s on an idle 2-core machine (measured: mean return 20.2 after the first batch, 42.6 at the end)
+    args = TrainArgs(framework="torchrl", env="CartPole-v1", policy="lstm", num_envs=8, batch_size=512,
+                     bptt_horizon=16, minibatch_size=128, update_epochs=4, hidden_size=32, total_timesteps=12_288,
+                     progress=False, target_return=None, seed=0, out_dir=tmp_path)
     train(args)
     import json
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
