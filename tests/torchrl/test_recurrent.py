@@ -275,3 +275,38 @@ def test_native_comparison_trains_the_recurrent_network_on_whole_rows(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "native" / "metrics.jsonl").read_text().splitlines()]
     assert summary["native"]["framework"] == "torchrl-native" and len(rows) == 2
     assert math.isfinite(rows[-1]["loss_objective"]) and math.isfinite(rows[-1]["loss_critic"])
+
+
+def test_shared_backbone_collects_and_trains_in_a_collector_loop():
+    """One LSTMModule feeding both heads: the collector records the value from the actor's features,
+    the phase trains on whole rows, the shared cell gets gradients from both losses."""
+    import math
+
+    from tensordict.nn import TensorDictSequential
+    from torchrl.collectors import Collector
+
+    import metta_core.cartpole_no_velocity  # noqa: F401  (registers CartPoleNoVel-v1)
+    from bridges.torchrl import MettaPPOPhase, MettaSegmentSampler
+    from bridges.torchrl.recurrent import add_recurrent_transforms, zero_carried_state
+    from bridges.torchrl.train import make_env
+
+    env = make_env("CartPoleNoVel-v1", 4, 0)
+    torch.manual_seed(0)
+    venv = env.base_env._env
+    core = RecurrentActorCritic(venv.single_observation_space, venv.single_action_space, HIDDEN, shared_core=True)
+    actor, critic = from_recurrent_actor_critic(core, env.full_action_spec)
+    modules = recurrent_modules(actor, critic)
+    assert len(modules) == 1
+    add_recurrent_transforms(env, actor, critic)
+    collector = Collector(env, TensorDictSequential(actor, critic), frames_per_batch=128, total_frames=-1)
+    loss = MettaPPOLoss(actor, critic)
+    phase = MettaPPOPhase(loss, torch.optim.Adam(loss.parameters(), lr=1e-3),
+                          MettaSegmentSampler(loss, minibatch_segments=4, total_timesteps=1024))
+    before = modules[0].lstm.weight_hh_l0.detach().clone()
+    data = next(iter(collector))
+    zero_carried_state(collector, modules)
+    assert {"lstm_h", "lstm_c", "is_init", "state_value"} <= set(data.keys())
+    stats = phase(data.reshape(-1, 16), epoch=0)
+    assert math.isfinite(stats["policy_loss"]) and math.isfinite(stats["value_loss"])
+    assert not torch.equal(before, core.trunks[0].core.weight_hh_l0)  # the core's own cell trained
+    collector.shutdown()
