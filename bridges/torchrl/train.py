@@ -41,6 +41,7 @@ from torchrl.objectives.value import GAE
 from metta_core.config import ADAM_EPS
 from metta_core.envs import is_mettagrid, make_training_env
 from metta_core.errors import MettaError
+from metta_core.gym_env import check_env_id
 from metta_core.phase import PhaseSizes, PhaseStats, clip_and_step, run_phase
 from metta_core.policy import mlp
 from metta_core.run import (
@@ -67,6 +68,7 @@ def make_env(env_id: str, num_envs: int, seed: int) -> TransformedEnv:
     last observation); ``GymEnv(..., num_envs=n)`` would start ``n`` subprocesses instead.
     ``RewardSum`` writes the running episodic return to ``episode_reward``.
     """
+    check_env_id(env_id, "--env")  # also registers this package's CartPoleNoVel-v1
     venv = gym.make_vec(
         env_id, num_envs=num_envs, vectorization_mode="sync",
         vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED},

@@ -220,6 +220,8 @@ def test_collected_rows_store_metta_states():
     zeroed = next(run._batches)
     for data in (first, carried, zeroed):
         init = data["is_init"][..., 0]
+        # is_init is Metta's reset flag: the previous step of the env ended (terminated or truncated)
+        assert torch.equal(init[:, 1:], data["next", "done"][:, :-1, 0])
         assert all(data[k][init].abs().sum() == 0 for k in keys)
         assert all(data[k][~init].abs().sum() > 0 for k in keys)
     assert all(zeroed[k][:, 0].abs().sum() == 0 for k in keys)
