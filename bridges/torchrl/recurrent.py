@@ -163,7 +163,10 @@ def zero_carried_state(collector: Any, modules: list[RecurrentModule]) -> None:
     carrier = collector._carrier
     for module in modules:
         for key in state_keys(module):
-            carrier.get(key).zero_()
+            state = carrier.get(key, None)
+            if state is None:
+                raise MettaError(f"zero_carried_state: the collector carries no {key!r}; {_fix(module)}")
+            state.zero_()
 
 
 class Concat(nn.Module):
