@@ -7,6 +7,11 @@ minibatches, ``MettaPPOLoss``, Adam with Metta's settings and ``clip_grad_norm_(
 With ``compare_native`` the same pipeline then also trains TorchRL's ``ClipPPOLoss`` + ``GAE``
 (summary under ``"native"``, metrics in ``out_dir/native``).
 
+``--policy lstm|gru``: the core's ``RecurrentActorCritic`` (built from the run seed, as the core run
+builds it) as ``LSTMModule`` / ``GRUModule`` actor and critic holding its parameters, ``InitTracker``
+and the modules' primers in the env, and the collector's carried state zeroed after every batch
+(Metta zeroes every agent's state when a rollout starts; ``bridges.torchrl.recurrent``).
+
 Checkpoints (``metta_core.run`` format) hold the actor and critic, optimizer, loss ``state_dict``
 (coefficients, ``anneal_beta``, stat tracker, config), sampler generator, torch RNG, trainer epoch
 and step count, the return window and, pickled apart, the gymnasium sub-envs and the collector's
