@@ -312,3 +312,14 @@ def test_shared_backbone_collects_and_trains_in_a_collector_loop():
     assert math.isfinite(stats["policy_loss"]) and math.isfinite(stats["value_loss"])
     assert not torch.equal(before, core.trunks[0].core.weight_hh_l0)  # the core's own cell trained
     collector.shutdown()
+
+
+def test_recurrent_policy_with_mettagrid_is_refused_by_name(tmp_path):
+    pytest.importorskip("mettagrid")
+    from bridges.torchrl.train import TorchRLRun
+    from metta_core.run import TrainArgs
+
+    args = TrainArgs(framework="torchrl", env="mettagrid:arena-8", policy="lstm", num_envs=1, batch_size=256,
+                     bptt_horizon=32, minibatch_size=256, progress=False, out_dir=tmp_path)
+    with pytest.raises(MettaError, match="--policy lstm: the torchrl bridge trains --env mettagrid:arena-8 with the grid"):
+        TorchRLRun(args)
