@@ -8,6 +8,7 @@ overhead           bridge loss/update cost vs the core and vs the native PPO los
 throughput         end-to-end env steps/s, Metta vs native, in TorchRL and RLlib
 memory             peak RSS of a training phase and RSS growth over 50 phases
 recurrent          the SPEC §6 unroll vs nn.LSTM stepped per column in plain PyTorch
+recurrent_phase    a recurrent minibatch: MettaPPOLoss vs ClipPPOLoss on LSTMModule networks, and the core
 sample_efficiency  env steps to return 475 on CartPole-v1, 3 seeds x 5 learners (about 20 minutes
                    on 2 cores, 11 with ``python -m benchmarks.sample_efficiency --jobs 2``, so only
                    with --sample-efficiency or --only sample_efficiency)
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from benchmarks.busy import busy_machine, load_label
 
-QUICK = ["advantage", "trainer", "overhead", "throughput", "memory", "recurrent"]
+QUICK = ["advantage", "trainer", "overhead", "throughput", "memory", "recurrent", "recurrent_phase"]
 ALL = [*QUICK, "sample_efficiency"]
 
 

@@ -78,7 +78,7 @@ class TrainArgs:
     learning_rate: float = setting(1e-3, 'Adam learning rate.')
     anneal_lr: bool = setting(False, "Decay the learning rate linearly to 0 over total_timesteps (as CleanRL does).")
     hidden_size: int = setting(64, 'Width of the two hidden layers of actor and critic (mlp), or of the encoder and recurrent state (lstm, gru).')
-    policy: str = setting("mlp", 'mlp (ActorCritic), lstm or gru (RecurrentActorCritic, SPEC §6; core and rllib for now).')
+    policy: str = setting("mlp", 'mlp (ActorCritic), lstm or gru (RecurrentActorCritic, SPEC §6; every framework).')
     target_return: float | None = setting(CARTPOLE_TARGET, 'Mean episodic return (over the last 100 episodes) that counts as solved; MettaGrid: per-agent episode return, no target unless set.')
     stop_at_target: bool = setting(True, 'End the run as soon as ``target_return`` is reached.')
     progress: bool = setting(True, 'Show a progress bar.')
@@ -134,11 +134,6 @@ class TrainArgs:
                              "torchrl or rllib")
         if self.policy not in POLICIES:
             raise MettaError(f"--policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
-        if self.policy != "mlp" and self.framework == "torchrl":
-            raise MettaError(
-                f"--policy {self.policy} is not supported by the {self.framework} bridge yet (recurrent policies "
-                f"train in the core and the rllib bridge, issue 12); use --framework core or rllib, or --policy mlp"
-            )
         if is_mettagrid(self.env):
             check_mettagrid_id(self.env, "--env")
         else:

@@ -91,3 +91,11 @@ def _parent(pid: int) -> int:
             return int(f.read().split(") ")[1].split()[1])
     except OSError:
         return -1
+
+
+def test_recurrent_phase_cases_agree_before_timing():
+    from benchmarks import recurrent_phase
+
+    cases, holders = recurrent_phase.cases((2, 8))  # asserts MettaPPOLoss == core on the same rows
+    assert set(cases) == {"core", "torchrl MettaPPOLoss", "torchrl ClipPPOLoss"} and len(holders) == 3
+    assert all(float(fn().detach()) == float(fn().detach()) for fn in cases.values())

@@ -77,6 +77,10 @@ PIECES = (
     "squared error |",
     "| `entropy_loss` | `-mean(entropy)` | same (`entropy_coeff`) | same (`entropy_coeff`) |",
     "| `approx_kl` | `mean((r - 1) - log r)` | `mean(old - new logprob)` | 0 with `use_kl_loss=False` |",
+    "| `unroll` | recurrent policies (SPEC §6): each row from the stored state of column 0, state zeroed at every "
+    "`dones or truncateds` column | `LSTMModule`/`GRUModule` recurrent mode: rows cut at `is_init`, each piece "
+    "from its first column's *stored* state (zero only when the primer stored zeros there) | each `max_seq_len` sequence "
+    "from its stored `STATE_OUT` (the row's column 0 when `max_seq_len = bptt_horizon`) |",
 )
 """Where each framework differs, piece by piece of ``ppo_minibatch_loss`` (Markdown table lines)."""
 
@@ -159,16 +163,31 @@ def metta(problem: Problem) -> dict[str, Any]:
 
 # -- TorchRL -----------------------------------------------------------------------------------
 
-def torchrl_batch(problem: Problem, *, shift_rewards: bool = True, terminal_last_step: bool = True):
+def torchrl_batch(problem: Problem, *, shift_rewards: bool = True, terminal_last_step: bool = True,
+                  zero_reset_states: bool = True):
     """The problem as a TorchRL ``[S, T]`` batch (see the module docstring for the mapping).
 
     ``shift_rewards=False`` gives the naive mapping ``reward[:, t] = rewards[:, t]``;
     ``terminal_last_step=False`` leaves the last step non-terminal with reward 0 (TorchRL then
     bootstraps it from ``V(next observation)``).
+
+    A recurrent case adds ``is_init = dones or truncateds`` and the stored states, zeroed where
+    ``is_init`` (as TorchRL's primer stores them after a reset; ``zero_reset_states=False`` keeps
+    the case's non-zero states there), and the first-pass ``advantage`` / ``value_target``:
+    TorchRL's GAE would run the recurrent critic on ``("next", ...)`` entries, whose stored
+    states a buffer of rows does not have.
     """
     from tensordict import TensorDict
 
     d = problem.case.tensors()
+    recurrent = {}
+    if problem.case.policy_kind != "mlp":
+        is_init = (d["dones"] != 0) | (d["truncateds"] != 0)
+        mask = is_init[..., None, None] if zero_reset_states else torch.zeros_like(is_init)[..., None, None]
+        recurrent = {key: d[key].masked_fill(mask, 0.0) for key in problem.case.state_keys}
+        first = reference.first_pass(problem.case.config["ppo"], d)
+        recurrent.update(is_init=is_init.unsqueeze(-1), advantage=first.unsqueeze(-1),
+                         value_target=(first + d["values"]).unsqueeze(-1), state_value=d["values"].unsqueeze(-1))
     if shift_rewards:
         reward = torch.cat([d["rewards"][:, 1:], d["values"][:, -1:]], dim=1)
         terminated = torch.cat([d["dones"][:, 1:], torch.ones_like(d["dones"][:, -1:])], dim=1).bool()
@@ -179,6 +198,7 @@ def torchrl_batch(problem: Problem, *, shift_rewards: bool = True, terminal_last
         reward[:, -1] = 0.0
         terminated[:, -1] = False
     return TensorDict({
+        **recurrent,
         "observation": d["env_obs"], "action": d["actions"], "action_log_prob": d["act_log_prob"],
         "next": {"observation": torch.from_numpy(problem.final_obs.copy()), "reward": reward.unsqueeze(-1),
                  "terminated": terminated.unsqueeze(-1), "truncated": truncated.unsqueeze(-1),
@@ -374,18 +394,35 @@ def _row(framework: str, name: str, case: str, items: tuple[str, ...], compute: 
 
 
 def recurrent_matrix(case: Case) -> list[Row]:
-    """A recurrent case: RLlib's stateful PPO path (``use_lstm``'s connectors) with the bridge's
-    ``MettaRecurrentModule`` against Metta's stored-state rows (SPEC §6)."""
-    base = equivalence_problem(case).edit(ppo={"clip_vloss": False})
+    """A recurrent case (SPEC §6). TorchRL: ``ClipPPOLoss`` on ``LSTMModule`` / ``GRUModule`` networks
+    (recurrent mode), equivalence rows with the stored states TorchRL's primer writes (zeros at
+    ``is_init``) and the first-pass advantage given, and the probe where the stored state of a reset
+    column is not zero (TorchRL starts the piece from it, SPEC §6 from zeros). RLlib: its stateful PPO
+    path (``use_lstm``'s connectors) with the bridge's ``MettaRecurrentModule``."""
+    base = equivalence_problem(case)
+    name = case.name
+    all_items = ("policy_loss", "value_loss", "entropy", "grads")
+    rows = []
+    for norm_adv in (True, False):
+        for clip_vloss in (True, False):
+            p = base.edit(ppo={"norm_adv": norm_adv, "clip_vloss": clip_vloss})
+            rows.append(_row("torchrl", f"equivalent (LSTMModule/GRUModule, recurrent mode): norm_adv={norm_adv}, "
+                             f"clip_vloss={clip_vloss}", name, all_items, lambda p=p: (metta(p), torchrl(p)),
+                             equivalent=True))
+    rows.append(_row("torchrl", "stored state of a reset column not zero: TorchRL's recurrent mode starts the "
+                     "piece from it, SPEC §6 from zeros (the bridge zeroes it)", name, all_items,
+                     lambda: (metta(base), torchrl(base, zero_reset_states=False)), piece="unroll"))
+
+    plain = base.edit(ppo={"clip_vloss": False})
     items = ("value_loss", "entropy")
     horizon = case.trainer.bptt_horizon
-    return [
+    return rows + [
         _row("rllib", "equivalent: PPO with a stateful module (use_lstm's pipeline), value_loss and entropy "
-             "(norm_adv=True, clip_vloss=False)", case.name, items, lambda: (metta(base), rllib(base)),
+             "(norm_adv=True, clip_vloss=False)", case.name, items, lambda: (metta(plain), rllib(plain)),
              equivalent=True),
         _row("rllib", f"state: max_seq_len={horizon // 2} < bptt_horizon restarts each sequence from the stored "
              "STATE_OUT (Metta unrolls the row from column 0's stored state)", case.name, items,
-             lambda: (metta(base), rllib(base, max_seq_len=horizon // 2)), piece="unroll"),
+             lambda: (metta(plain), rllib(plain, max_seq_len=horizon // 2)), piece="unroll"),
     ]
 
 

@@ -18,7 +18,9 @@ is folded into rows ``b * agents + a`` by the loss and the sampler (``as_rows``)
 
 ``MettaPPOLoss`` keeps ``ClipPPOLoss``'s API conventions (arguments, keys, composite one-head actors,
 shared trunks, the keyword call, TorchRL's value estimators); the ones Metta's semantics refuse
-raise an error naming the reason: ``docs/torchrl_conventions.md``.
+raise an error naming the reason: ``docs/torchrl_conventions.md``. Recurrent actors and critics
+(``LSTMModule`` / ``GRUModule``, SPEC §6) train as they are; ``bridges.torchrl.recurrent`` maps
+TorchRL's ``is_init`` and primer states to Metta's rule and builds the core's recurrent network.
 """
 
 from bridges.torchrl.estimator import MettaAdvantage

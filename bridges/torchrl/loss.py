@@ -23,6 +23,7 @@ from tensordict.nn import (
 )
 from tensordict.utils import NestedKey, unravel_key
 from torch import Tensor
+from torchrl.modules import set_recurrent_mode
 from torchrl.objectives import LossModule
 from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator
 from torchrl.objectives.value import ValueEstimatorBase
@@ -36,6 +37,7 @@ from bridges.torchrl.estimator import MettaAdvantage
 from bridges.torchrl.layout import (
     as_rows, blame_inputs, check_estimator_hyperparams, check_values, metta_rewards_dones, read_bt,
 )
+from bridges.torchrl.recurrent import prepare_rows, recurrent_modules
 
 COEFFICIENTS = ("clip_coef", "ent_coef", "vf_coef", "vf_clip_coef")
 """``PPOConfig`` fields held as schedulable buffers (``loss.ent_coef = 0.005``)."""
@@ -274,6 +276,7 @@ class MettaPPOLoss(LossModule):
                 )
             self.actor_network, self.actor_network_params = actor_network, None
             self.critic_network, self.critic_network_params = critic_network, None
+        self._recurrent = recurrent_modules(actor_network, critic_network)
         self._actor_in_keys = _external_in_keys(actor_network)
         self._critic_in_keys = _external_in_keys(critic_network)
         self._base_config = base
@@ -492,11 +495,12 @@ class MettaPPOLoss(LossModule):
         """
         keys = self.tensor_keys
         params = self.critic_network_params.detach() if self._functional else None
-        if isinstance(self.value_estimator, MettaAdvantage):
-            self.value_estimator(tensordict, params=params)
-            return
-        view = tensordict.exclude(keys.value)
-        self.value_estimator(view, params=params)
+        with set_recurrent_mode(True):  # [B, T] rows: a recurrent critic unrolls along time, as in forward
+            if isinstance(self.value_estimator, MettaAdvantage):
+                self.value_estimator(tensordict, params=params)
+                return
+            view = tensordict.exclude(keys.value)
+            self.value_estimator(view, params=params)
         tensordict.set(keys.advantage, view.get(keys.advantage))
         tensordict.set(keys.value_target, view.get(keys.value_target))
         if tensordict.get(keys.value, None) is None:
@@ -515,6 +519,8 @@ class MettaPPOLoss(LossModule):
         tensordict = as_rows(tensordict, who)  # TorchRL's agent groups folded into rows
         keys = self.tensor_keys
         td = tensordict  # read only: the networks get selections of their inputs
+        if self._recurrent:  # stored states checked, zeroed at is_init (SPEC §6); the networks run in recurrent mode
+            td = prepare_rows(td, self._recurrent, who)
 
         def read(key: NestedKey, field: str, configured: NestedKey | None = None) -> tuple[NestedKey, str, Tensor]:
             return key, field, read_bt(td, key, field=field, who=who, configured=configured, check_finite=False)
@@ -522,7 +528,7 @@ class MettaPPOLoss(LossModule):
         # the step's own entries first: their shape and dtype errors come before any estimator runs
         entries = [read(("next", keys.reward), "reward", keys.reward), read(keys.sample_log_prob, "sample_log_prob")]
         if td.get(keys.advantage, None) is None:
-            td = tensordict.clone(False)  # the first pass writes advantage and value_target: not into the caller's
+            td = td.clone(False)  # the first pass writes advantage and value_target: not into the caller's
             self.first_pass(td)
         elif td.get(keys.value, None) is None:
             raise self._missing_value_error()

@@ -7,6 +7,11 @@ minibatches, ``MettaPPOLoss``, Adam with Metta's settings and ``clip_grad_norm_(
 With ``compare_native`` the same pipeline then also trains TorchRL's ``ClipPPOLoss`` + ``GAE``
 (summary under ``"native"``, metrics in ``out_dir/native``).
 
+``--policy lstm|gru``: the core's ``RecurrentActorCritic`` (built from the run seed, as the core run
+builds it) as ``LSTMModule`` / ``GRUModule`` actor and critic holding its parameters, ``InitTracker``
+and the modules' primers in the env, and the collector's carried state zeroed after every batch
+(Metta zeroes every agent's state when a rollout starts; ``bridges.torchrl.recurrent``).
+
 Checkpoints (``metta_core.run`` format) hold the actor and critic, optimizer, loss ``state_dict``
 (coefficients, ``anneal_beta``, stat tracker, config), sampler generator, torch RNG, trainer epoch
 and step count, the return window and, pickled apart, the gymnasium sub-envs and the collector's
@@ -31,7 +36,7 @@ from typing import Any
 import gymnasium as gym
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModule, TensorDictSequential
+from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictSequential
 from torchrl.collectors import Collector
 from torchrl.envs import GymWrapper, RewardSum, TransformedEnv
 from torchrl.modules import ProbabilisticActor, ValueOperator
@@ -41,11 +46,12 @@ from torchrl.objectives.value import GAE
 from metta_core.config import ADAM_EPS
 from metta_core.envs import is_mettagrid, make_training_env
 from metta_core.errors import MettaError
+from metta_core.gym_env import check_env_id
 from metta_core.phase import PhaseSizes, PhaseStats, clip_and_step, run_phase
 from metta_core.policy import mlp
 from metta_core.run import (
-    ReturnTracker, TrainArgs, announce_untrusted_resume, check_shapes, drive, make_checkpoint, preflight,
-    read_checkpoint, save_checkpoint, target_return,
+    ReturnTracker, TrainArgs, announce_untrusted_resume, build_policy, check_shapes, drive, make_checkpoint,
+    preflight, read_checkpoint, save_checkpoint, target_return,
 )
 from metta_core.runlog import REWARD_RATE_KEY, RETURN_KEY
 
@@ -53,6 +59,9 @@ from bridges.torchrl.layout import TIME_DIM_NAME
 from bridges.torchrl.loss import MettaPPOLoss
 from bridges.torchrl.mettagrid import HIDDEN_KEY, MettaGridEnv, grid_actor_critic
 from bridges.torchrl.phase import LOSS_PREFIX, MettaPPOPhase
+from bridges.torchrl.recurrent import (
+    add_recurrent_transforms, from_recurrent_actor_critic, recurrent_modules, zero_carried_state,
+)
 from bridges.torchrl.sampler import MettaSegmentSampler
 
 
@@ -64,6 +73,7 @@ def make_env(env_id: str, num_envs: int, seed: int) -> TransformedEnv:
     last observation); ``GymEnv(..., num_envs=n)`` would start ``n`` subprocesses instead.
     ``RewardSum`` writes the running episodic return to ``episode_reward``.
     """
+    check_env_id(env_id, "--env")  # also registers this package's CartPoleNoVel-v1
     venv = gym.make_vec(
         env_id, num_envs=num_envs, vectorization_mode="sync",
         vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED},
@@ -92,6 +102,19 @@ def make_actor_critic(env: TransformedEnv, hidden_size: int) -> tuple[Probabilis
     return actor, critic
 
 
+def make_recurrent_actor_critic(
+    env: TransformedEnv, cell: str, hidden_size: int,
+) -> tuple[ProbabilisticActor, TensorDictModuleBase]:
+    """``RecurrentActorCritic``'s network as TorchRL modules (``LSTMModule`` / ``GRUModule``), with the
+    weights of a core ``RecurrentActorCritic`` built here (the core run's init from the same seed);
+    ``InitTracker`` and the modules' primers are appended to ``env``."""
+    venv = env.base_env._env
+    core = build_policy(cell, venv.single_observation_space, venv.single_action_space, hidden_size)
+    actor, critic = from_recurrent_actor_critic(core, env.full_action_spec)
+    add_recurrent_transforms(env, actor, critic)
+    return actor, critic
+
+
 def native_clip_ppo(actor: ProbabilisticActor, critic: ValueOperator, args: TrainArgs,
                     functional: bool = True) -> ClipPPOLoss:
     """TorchRL's own ``ClipPPOLoss`` + ``GAE`` with Metta's coefficients where they mean the same.
@@ -105,7 +128,10 @@ def native_clip_ppo(actor: ProbabilisticActor, critic: ValueOperator, args: Trai
         loss_critic_type="l2", normalize_advantage=cfg.norm_adv,
         clip_value=cfg.vf_clip_coef if cfg.clip_vloss else None, functional=functional,
     )
-    loss.make_value_estimator(GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic))
+    # torch.vmap has no batching rule for nn.LSTM/GRU: a recurrent critic is called in a plain loop
+    recurrent = bool(recurrent_modules(critic))
+    loss.make_value_estimator(GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic,
+                                  deactivate_vmap=recurrent))
     return loss
 
 
@@ -139,6 +165,9 @@ class TorchRLRun:
                              f"critic on ('next', 'hidden')); train without --compare-native")
         torch.manual_seed(args.seed)
         if self.mettagrid:
+            if args.policy != "mlp":
+                raise MettaError(f"--policy {args.policy}: the torchrl bridge trains --env {args.env} with the grid CNN "
+                                 f"only; use --policy mlp (recurrent policies train on gymnasium envs)")
             self.env: TransformedEnv | MettaGridEnv = make_mettagrid_env(args.env, args.num_envs, args.seed)
             grid = self.env.environment
             self.actor, self.critic = grid_actor_critic(
@@ -147,7 +176,11 @@ class TorchRLRun:
             )
         else:
             self.env = make_env(args.env, args.num_envs, args.seed)
-            self.actor, self.critic = make_actor_critic(self.env, args.hidden_size)
+            if args.policy == "mlp":
+                self.actor, self.critic = make_actor_critic(self.env, args.hidden_size)
+            else:
+                self.actor, self.critic = make_recurrent_actor_critic(self.env, args.policy, args.hidden_size)
+        self.recurrent = recurrent_modules(self.actor, self.critic)
         self.curve_key = REWARD_RATE_KEY if self.mettagrid else RETURN_KEY
         rows = self.env.batch_size.numel()
         if args.batch_size % (rows * args.bptt_horizon):
@@ -188,6 +221,8 @@ class TorchRLRun:
         """Collect one batch and train on it; returns the row to log."""
         started = time.perf_counter()
         data = next(self._batches)
+        if self.recurrent:  # Metta zeroes every agent's state when a rollout starts (SPEC §5 on_rollout_start)
+            zero_carried_state(self.collector, self.recurrent)
         self.env_steps += data.numel()
         reward_rate = {}
         if self.mettagrid:
@@ -217,25 +252,28 @@ class TorchRLRun:
 
     def _train_native(self, data: TensorDictBase) -> dict[str, float]:
         """TorchRL's recipe: GAE over the whole ``[num_envs, S]`` batch, then per update epoch a
-        fresh permutation cut into flat minibatches; Metta's accumulation, clip and step."""
+        fresh permutation cut into flat minibatches (of whole ``bptt_horizon`` rows for a recurrent
+        policy, run in recurrent mode by ``ClipPPOLoss``); Metta's accumulation, clip and step."""
         data = data.exclude(self.loss.tensor_keys.value)  # GAE evaluates the critic on obs and next obs itself
         with torch.no_grad():
             self.loss.value_estimator(data, params=self.loss.critic_network_params.detach())
-        flat = data.reshape(-1)
-        mb_size = self.sizes["minibatch_size"]
+        # recurrent modules need whole rows (TorchRL's recurrent PPO recipe); an MLP takes single steps
+        flat = data.reshape(-1, self.args.bptt_horizon) if self.recurrent else data.reshape(-1)
+        mb_size = self.sizes["minibatch_segments"] if self.recurrent else self.sizes["minibatch_size"]
         tracked = PhaseStats()
-        order = torch.arange(flat.numel())
+        order = torch.arange(flat.shape[0])
 
         def minibatch(_epoch: int, mb_idx: int) -> tuple[torch.Tensor, bool]:
             nonlocal order
             if mb_idx == 0:
-                order = torch.randperm(flat.numel(), generator=self.generator)
+                order = torch.randperm(flat.shape[0], generator=self.generator)
             loss_td = self.loss(flat[order[mb_idx * mb_size:(mb_idx + 1) * mb_size]])
-            tracked.track({k: float(v.detach()) for k, v in loss_td.items()})
+            # on [B, T] rows ClipPPOLoss reports explained_variance and ESS per row: logged as their means
+            tracked.track({k: float(v.detach().mean()) for k, v in loss_td.items()})
             return sum(v for k, v in loss_td.items() if k.startswith(LOSS_PREFIX)), False
 
         sizes = PhaseSizes(
-            update_epochs=self.args.update_epochs, num_minibatches=flat.numel() // mb_size,
+            update_epochs=self.args.update_epochs, num_minibatches=flat.shape[0] // mb_size,
             minibatch_segments=self.sizes["minibatch_segments"],
             accumulate_minibatches=self.sizes["accumulate_minibatches"],
         )

@@ -39,7 +39,12 @@ def test_failure_or_error_exits_nonzero(tmp_path, capsys):
     assert "1 passed, 1 failed, 1 errors of 3" in out
 
 
-def test_unsupported_case_is_reported_and_exits_nonzero(tmp_path, capsys):
+def test_unsupported_case_is_reported_and_exits_nonzero(tmp_path, capsys, monkeypatch):
+    from bridges.conformance.runners import torchrl as torchrl_runner, unsupported_features
+
+    # a runner without recurrent support (the TorchRL runner has it since issue 12)
+    monkeypatch.setattr(torchrl_runner, "unsupported",
+                        lambda case: unsupported_features(case, recurrent=False, multi_agent=False))
     status = main(["conformance", "--case", "gru_shared_backbone", "--framework", "core", "--framework", "torchrl",
                    "--out-dir", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out

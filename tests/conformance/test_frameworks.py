@@ -14,10 +14,7 @@ from bridges.conformance.runners import FRAMEWORKS
 ALL = [p.stem for p in case_paths()]
 QUICK = quick_names()
 
-_RECURRENT = ("lstm_discrete_dones_truncations", "lstm_continuous", "gru_shared_backbone")
-PENDING = {
-    **{("torchrl", name): "recurrent policies (issue 12, rec-torchrl)" for name in _RECURRENT},
-}
+PENDING: dict[tuple[str, str], str] = {}
 """(framework, case) pairs whose runner reports UNSUPPORTED until the framework's support lands;
 remove a pair here when its runner's ``unsupported(case)`` stops naming the case."""
 

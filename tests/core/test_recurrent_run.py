@@ -1,5 +1,5 @@
 """Recurrent policies in the core loop and run: last_actions, stored states in the buffer,
-CartPoleNoVel-v1, --policy, resume, and the bridges' clear refusal."""
+CartPoleNoVel-v1, --policy and resume."""
 
 import gymnasium as gym
 import pytest
@@ -85,12 +85,6 @@ def test_lstm_run_resumes_exactly(tmp_path):
         ra.pop("steps_per_second"), rb.pop("steps_per_second")
         assert ra == rb
     assert isinstance(straight.policy, RecurrentActorCritic)
-
-
-@pytest.mark.parametrize("framework", ["torchrl"])
-def test_bridges_refuse_recurrent_policies_with_a_clear_error(framework, capsys, tmp_path):
-    assert main(["train", "--framework", framework, "--policy", "lstm", "--no-progress", "--out-dir", str(tmp_path)]) == 2
-    assert f"--policy lstm is not supported by the {framework} bridge yet" in capsys.readouterr().err
 
 
 def test_gru_policy_from_the_cli(tmp_path, capsys):

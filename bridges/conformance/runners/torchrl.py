@@ -9,6 +9,11 @@ Multi-agent cases (``layout.agents = A``) are fed in TorchRL's group layout: eve
 group ``"agents"`` with batch ``[envs, horizon, A]`` (``group[e, :, a]`` is the case's row
 ``e * A + a``), the env's shared flags at the root, and the loss keys pointed at the group, as a
 PettingZoo or VMAS pipeline has them; the bridge folds the agents back into the case's rows.
+
+Recurrent cases (SPEC §6) run through ``LSTMModule`` / ``GRUModule`` networks holding the case's
+``RecurrentActorCritic`` parameters (``bridges.torchrl.recurrent.from_recurrent_actor_critic``):
+the stored states are the case's ``data/<state key>`` entries and ``is_init[:, t]`` is the case's
+``dones[:, t] or truncateds[:, t]`` (InitTracker's flag, column 0 included).
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from torch import nn
 from torchrl.modules import IndependentNormal, ProbabilisticActor, ValueOperator
 
 from bridges.torchrl import MettaPPOLoss, MettaPPOPhase, MettaSegmentSampler, as_rows
+from bridges.torchrl.recurrent import from_recurrent_actor_critic
 
 from bridges.conformance.cases import Case
 from bridges.conformance.reference import PHASE_STAT_NAMES, Measurement
-from bridges.conformance.runners import actor_critic, one_step, optimizer, snapshot, unsupported_features
+from bridges.conformance.runners import (
+    actor_critic, one_step, optimizer, recurrent_actor_critic, snapshot, unsupported_features,
+)
 
 UNUSED_LAST_REWARD = 123.0
 """Reward placed after the last action of every row; Metta never reads it (SPEC §1)."""
@@ -36,8 +44,9 @@ FLAGS = ("terminated", "truncated", "done")
 
 
 def unsupported(case: Case) -> str | None:
-    """Why this runner cannot run ``case`` yet (recurrent policies, the multi-agent group layout), or None."""
-    return unsupported_features(case, recurrent=False, multi_agent=True)
+    """Why this runner cannot run ``case`` yet, or None: it runs recurrent policies and the multi-agent
+    group layout."""
+    return unsupported_features(case, recurrent=True, multi_agent=True)
 
 
 class _NormalHead(nn.Module):
@@ -58,12 +67,16 @@ def _key(name: str, grouped: bool) -> str | tuple[str, str]:
 
 
 def policy_modules(case: Case) -> tuple[ProbabilisticActor, ValueOperator, nn.Module]:
-    """TorchRL actor and critic holding the parameters of a fresh ``ActorCritic`` (also returned).
+    """TorchRL actor and critic holding the parameters of a fresh ``ActorCritic`` (also returned),
+    or for a recurrent case of its ``RecurrentActorCritic`` (``from_recurrent_actor_critic``).
 
     Discrete: ``Categorical`` over the actor's ``logits``; continuous: ``IndependentNormal`` with
     ``loc`` the actor's output and ``scale = exp(log_std)``. The critic writes ``state_value``.
     A multi-agent case's modules read and write those keys under ``GROUP``.
     """
+    if case.policy_kind != "mlp":
+        policy = recurrent_actor_critic(case)
+        return (*from_recurrent_actor_critic(policy), policy)
     policy = actor_critic(case)
     grouped = case.agents > 1
     obs, action, value = (_key(name, grouped) for name in ("observation", "action", "state_value"))
@@ -126,8 +139,13 @@ def _rows(case: Case, keys: MettaPPOLoss._AcceptedKeys, grouped: bool) -> Tensor
     terminated[:, :-1] = data["dones"][:, 1:].bool()
     truncated = torch.zeros_like(terminated)
     truncated[:, :-1] = data["truncateds"][:, 1:].bool()
+    recurrent = {}
+    if case.policy_kind != "mlp":
+        recurrent = {key: data[key] for key in case.state_keys}
+        recurrent["is_init"] = (data["dones"].bool() | data["truncateds"].bool()).unsqueeze(-1)
     return TensorDict(
         {
+            **recurrent,
             _key("observation", grouped): data["env_obs"],
             keys.action: data["actions"],
             keys.sample_log_prob: data["act_log_prob"],
