@@ -37,9 +37,9 @@ experience_replay.*``,
 RLlib settings fixed here: ``use_kl_loss=False``, ``shuffle_batch_per_epoch=False`` (Metta samples
 whole segments), ``add_default_connectors_to_learner_pipeline=False`` (``MettaLayoutConnector`` is
 the learner pipeline), ``learner_class=MettaPPOLearner``. The learning rate stays RLlib's
-``lr`` (``config.training(lr=...)``). With several agents (a multi-agent ``policies`` set) the batch
-sizes count agent-steps, one buffer row per agent: ``config.multi_agent(count_steps_by=
-"agent_steps")`` is required (``"env_steps"`` is refused when the learner is built).
+``lr`` (``config.training(lr=...)``). With several agents per episode the batch sizes count agent-steps,
+one buffer row per agent: ``config.multi_agent(count_steps_by="agent_steps")`` is required
+(``"env_steps"`` is refused by ``MettaLayoutConnector`` when it sees such an episode).
 """
 
 from __future__ import annotations
@@ -139,17 +139,28 @@ def _refuse_unsupported(config) -> None:
             f"(its target_kl stops the phase early instead); leave use_kl_loss=False and kl_coeff=0 and set "
             f"metta_ppo_config(target_kl=...)"
         )
-    if config.is_multi_agent and config.count_steps_by != "agent_steps":
-        raise MettaError(
-            f"config.count_steps_by is {config.count_steps_by!r} with several agents (policies "
-            f"{sorted(config.policies)}); Metta's batch_size and minibatch_size count agent-steps (one buffer row "
-            f"per agent): set config.multi_agent(count_steps_by='agent_steps')"
-        )
     if config.grad_clip_by != "global_norm":
         raise MettaError(
             f"config.grad_clip_by is {config.grad_clip_by!r}; MettaPPOLearner clips the global norm of the module's "
             f"gradients at max_grad_norm (SPEC §4.8), grad_clip_by='global_norm'; per-tensor 'norm' or 'value' "
             f"clipping is not Metta's PPO"
+        )
+
+
+def require_agent_step_counting(count_steps_by: str, agents: int) -> None:
+    """Refuse env-step counting once an episode has several agents: Metta's ``batch_size`` and
+    ``minibatch_size`` count agent-steps (one buffer row per agent), so with ``"env_steps"`` the
+    sampled batch would hold ``agents`` times the rows the phase's sizes say.
+
+    Checked where episodes become rows (``MettaLayoutConnector``), not when a learner is built: a
+    learner with several modules is fine until a multi-agent env feeds it (RLlib's own
+    ``add_module`` / ``from_checkpoint`` round trip builds exactly such a learner).
+    """
+    if agents > 1 and count_steps_by != "agent_steps":
+        raise MettaError(
+            f"config.count_steps_by is {count_steps_by!r} and an episode has {agents} agents; Metta's batch_size "
+            f"and minibatch_size count agent-steps (one buffer row per agent): set "
+            f"config.multi_agent(count_steps_by='agent_steps')"
         )
 
 

@@ -554,11 +554,12 @@ class MettaLayoutConnector(ConnectorV2):
     """
 
     def __init__(self, input_observation_space=None, input_action_space=None, *, ppo: PPOConfig, horizon: int,
-                 zero_state_at_rollout_start: bool = False):
+                 zero_state_at_rollout_start: bool = False, count_steps_by: str = "agent_steps"):
         super().__init__(input_observation_space, input_action_space)
         self.ppo = ppo
         self.horizon = horizon
         self.zero_state_at_rollout_start = zero_state_at_rollout_start
+        self.count_steps_by = count_steps_by
 
     @classmethod
     def from_config(cls, config) -> "MettaLayoutConnector":
@@ -567,10 +568,15 @@ class MettaLayoutConnector(ConnectorV2):
 
         ppo, trainer = metta_settings(config)
         zero = bool(config.learner_config_dict[METTA_KEY].get(ZERO_STATE_KEY, False))
-        return cls(ppo=ppo, horizon=trainer.bptt_horizon, zero_state_at_rollout_start=zero)
+        return cls(ppo=ppo, horizon=trainer.bptt_horizon, zero_state_at_rollout_start=zero,
+                   count_steps_by=config.count_steps_by)
 
     @override(ConnectorV2)
     def __call__(self, *, rl_module, batch: dict[str, Any], episodes: list, **kwargs) -> Any:
+        from bridges.rllib.config import require_agent_step_counting
+
+        for episode in episodes:
+            require_agent_step_counting(self.count_steps_by, len(getattr(episode, "agent_ids", ())))
         by_module: dict[str, list] = defaultdict(list)
         for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
             by_module[episode.module_id or DEFAULT_MODULE_ID].append(episode)

@@ -17,7 +17,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec  # noqa: E402
 from ray.rllib.env.multi_agent_episode import MultiAgentEpisode  # noqa: E402
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch  # noqa: E402
 
-from bridges.rllib import MettaLayoutConnector, metta_ppo_config, metta_settings  # noqa: E402
+from bridges.rllib import MettaLayoutConnector, metta_ppo_config  # noqa: E402
 from bridges.rllib.grid_module import GridCNNModule  # noqa: E402
 from bridges.rllib.layout import STEP_KEY, STREAM_KEY, pack_streams  # noqa: E402
 from bridges.rllib.mettagrid_env import MettaGridMultiAgentEnv  # noqa: E402
@@ -254,10 +254,13 @@ def test_streams_of_different_env_runners_differ():
     assert [s[0] for s in streams] == [1, 2]
 
 
-def test_env_steps_counting_with_several_agents_is_refused():
-    config = module_config().multi_agent(count_steps_by="env_steps")
-    with pytest.raises(MettaError, match=r"count_steps_by is 'env_steps'.*count_steps_by='agent_steps'"):
-        metta_settings(config)
+def test_env_steps_counting_with_several_agents_is_refused(steps):
+    seeds, actions, logps = steps
+    learner = build_learner(module_config().multi_agent(count_steps_by="env_steps"))  # a learner alone is fine
+    connector = MettaLayoutConnector.from_config(learner.config)
+    with pytest.raises(MettaError, match=rf"count_steps_by is 'env_steps' and an episode has {AGENTS} agents.*"
+                                         r"count_steps_by='agent_steps'"):
+        connector(rl_module=learner.module, batch={}, episodes=rllib_episodes(seeds, actions, logps))
 
 
 @pytest.mark.parametrize("env_config, match", [
