@@ -323,10 +323,15 @@ def count_minibatches(learner, update: Callable[[], None]) -> int:
 
 def rllib_cases(shape: tuple[int, int], clock: Callable[[], float]) -> dict[str, Callable[[], float]]:
     """One sample per case: one ``update`` on fresh copies of the episodes (copied outside the timer)."""
-    episodes = rllib_episodes(shape)
-    minibatch = shape[0] * shape[1]
+    return update_cases(rllib_episodes(shape), rllib_learners(shape), shape[0] * shape[1], clock)
+
+
+def update_cases(episodes: list, learners: dict, minibatch: int,
+                 clock: Callable[[], float]) -> dict[str, Callable[[], float]]:
+    """Per learner, a sample function timing one ``update`` (one epoch of ``RLLIB_MINIBATCHES``
+    minibatches of ``minibatch`` steps) on a fresh copy of ``episodes`` made outside the timer."""
     cases = {}
-    for name, learner in rllib_learners(shape).items():
+    for name, learner in learners.items():
         def update(learner=learner, eps=None):
             learner.update(episodes=eps if eps is not None else copy.deepcopy(episodes), minibatch_size=minibatch,
                            num_epochs=1, shuffle_batch_per_epoch=False)

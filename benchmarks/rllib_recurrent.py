@@ -26,7 +26,6 @@ ratios against ``PPOTorchLearner`` (goal of issue 12: <= 1.10). No assertion on 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -39,12 +38,12 @@ import numba
 import numpy as np
 import torch
 
+from benchmarks.overhead import RLLIB_MINIBATCHES, update_cases
 from metta_core.config import PPOConfig, TrainerConfig
 
 SHAPES = [(16, 32, 64), (64, 32, 64), (64, 64, 128)]
 """``(S rows per minibatch, T = bptt_horizon, hidden)``."""
 
-RLLIB_MINIBATCHES = 4
 OBS_DIM, N_ACTIONS = 4, 2
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
@@ -103,43 +102,8 @@ def learners(shape: tuple[int, int, int]) -> dict:
     }
 
 
-def count_minibatches(learner, update: Callable[[], None]) -> int:
-    """How many minibatch losses one ``update`` computes (both sides must do the same number)."""
-    calls = []
-    original = learner.compute_losses
-
-    def counting(**kwargs):
-        calls.append(1)
-        return original(**kwargs)
-
-    learner.compute_losses = counting
-    try:
-        update()
-    finally:
-        del learner.compute_losses
-    return len(calls)
-
-
 def rllib_cases(shape, clock) -> dict[str, Callable[[], float]]:
-    episodes = episodes_for(shape)
-    minibatch = shape[0] * shape[1]
-    cases = {}
-    for name, learner in learners(shape).items():
-        def update(learner=learner, eps=None):
-            learner.update(episodes=eps if eps is not None else copy.deepcopy(episodes), minibatch_size=minibatch,
-                           num_epochs=1, shuffle_batch_per_epoch=False)
-
-        count = count_minibatches(learner, update)
-        assert count == RLLIB_MINIBATCHES, f"{name}: {count} minibatches per update, expected {RLLIB_MINIBATCHES}"
-
-        def sample(update=update) -> float:
-            eps = copy.deepcopy(episodes)
-            start = clock()
-            update(eps=eps)
-            return clock() - start
-
-        cases[name] = sample
-    return cases
+    return update_cases(episodes_for(shape), learners(shape), shape[0] * shape[1], clock)
 
 
 def core_case(shape, clock) -> Callable[[], float]:
