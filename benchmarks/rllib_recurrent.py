@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -38,14 +36,13 @@ import numba
 import numpy as np
 import torch
 
-from benchmarks.overhead import RLLIB_MINIBATCHES, update_cases
+from benchmarks.overhead import CLOCKS, RLLIB_MINIBATCHES, measure, update_cases
 from metta_core.config import PPOConfig, TrainerConfig
 
 SHAPES = [(16, 32, 64), (64, 32, 64), (64, 64, 128)]
 """``(S rows per minibatch, T = bptt_horizon, hidden)``."""
 
 OBS_DIM, N_ACTIONS = 4, 2
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 def episodes_for(shape: tuple[int, int, int], seed: int = 0) -> list:
@@ -148,17 +145,6 @@ def core_case(shape, clock) -> Callable[[], float]:
         return clock() - start
 
     return sample
-
-
-def measure(samples: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Median seconds per case over ``repeats`` interleaved rounds (after one warm-up round)."""
-    for sample in samples.values():
-        sample()
-    times: dict[str, list[float]] = {k: [] for k in samples}
-    for _ in range(repeats):
-        for name, sample in samples.items():
-            times[name].append(sample())
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> dict:
