@@ -447,6 +447,23 @@ def announce_untrusted_resume(path: str | Path, args: TrainArgs) -> None:
               f"--trust-checkpoint for an exact continuation, only for checkpoints you trust)", file=sys.stderr)
 
 
+def phase_learning_rate(args: TrainArgs, steps_before_rollout: int) -> float:
+    """The learning rate of the training phase that follows a rollout which began after
+    ``steps_before_rollout`` env steps (agent-steps for MettaGrid).
+
+    With ``--anneal-lr``: ``learning_rate * max(0, 1 - steps_before_rollout / total_timesteps)``
+    (CleanRL's linear decay, evaluated once per training phase); else ``learning_rate``."""
+    if not args.anneal_lr:
+        return args.learning_rate
+    return args.learning_rate * max(0.0, 1.0 - steps_before_rollout / args.total_timesteps)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set ``lr`` in every parameter group of ``optimizer``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def target_return(args: TrainArgs) -> float | None:
     """``args.target_return``, except that CartPole's default means no target for MettaGrid."""
     if is_mettagrid(args.env) and args.target_return == CARTPOLE_TARGET:
@@ -502,10 +519,7 @@ class CoreRun:
         rollout = self.loop.rollout_phase(self.env, ctx)
         ctx.agent_step += rollout.agent_steps
         self.returns.add(rollout.episode_returns, ctx.agent_step)
-        if self.args.anneal_lr:
-            remaining = max(0.0, 1.0 - (ctx.agent_step - rollout.agent_steps) / self.args.total_timesteps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.args.learning_rate * remaining
+        set_learning_rate(self.optimizer, phase_learning_rate(self.args, ctx.agent_step - rollout.agent_steps))
         reward_rate = {REWARD_RATE_KEY: self.env.pop_reward_rate()} if self.curve_key == REWARD_RATE_KEY else {}
         stats, epochs = self.loop.training_phase(ctx, self.trainer_cfg.update_epochs, self.ppo_cfg.max_grad_norm)
         ctx.epoch += 1
@@ -547,8 +561,7 @@ class CoreRun:
         """
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.args.learning_rate
+        set_learning_rate(self.optimizer, self.args.learning_rate)
         self.ppo.load_state_dict(state["losses"]["ppo"])
         self.context.epoch = state["epoch"]
         self.context.agent_step = state["agent_step"]

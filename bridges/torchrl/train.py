@@ -5,7 +5,8 @@ actor and critic (the critic records ``state_value`` at collection) -> ``[num_en
 reshaped into ``[segments, bptt_horizon]`` rows -> ``MettaPPOPhase`` (``MettaSegmentSampler``
 minibatches, ``MettaPPOLoss``, Adam with Metta's settings and ``clip_grad_norm_(max_grad_norm)``).
 With ``compare_native`` the same pipeline then also trains TorchRL's ``ClipPPOLoss`` + ``GAE``
-(summary under ``"native"``, metrics in ``out_dir/native``).
+(summary under ``"native"``, metrics in ``out_dir/native``). ``--anneal-lr`` sets the rate of each
+training phase as the core run does (``metta_core.run.phase_learning_rate``), for both losses.
 
 ``--policy lstm|gru``: the core's ``RecurrentActorCritic`` (built from the run seed, as the core run
 builds it) as ``LSTMModule`` / ``GRUModule`` actor and critic holding its parameters, ``InitTracker``
@@ -51,7 +52,7 @@ from metta_core.phase import PhaseSizes, PhaseStats, clip_and_step, run_phase
 from metta_core.policy import mlp
 from metta_core.run import (
     ReturnTracker, TrainArgs, announce_untrusted_resume, build_policy, check_shapes, drive, make_checkpoint,
-    preflight, read_checkpoint, save_checkpoint, target_return,
+    phase_learning_rate, preflight, read_checkpoint, save_checkpoint, set_learning_rate, target_return,
 )
 from metta_core.runlog import REWARD_RATE_KEY, RETURN_KEY
 
@@ -231,6 +232,7 @@ class TorchRLRun:
         else:
             done = data["next", "done"]
             self.returns.add(data["next", "episode_reward"][done].tolist(), self.env_steps)
+        set_learning_rate(self.optimizer, phase_learning_rate(self.args, self.env_steps - data.numel()))
         stats = self._train_native(data) if self.native else self._train_metta(data)
         self.epoch += 1
         return {
@@ -308,8 +310,7 @@ class TorchRLRun:
         they keep their fresh episodes. The learning rate is this run's ``--learning-rate``."""
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.args.learning_rate
+        set_learning_rate(self.optimizer, self.args.learning_rate)
         self.loss.load_state_dict(state["loss"])
         if self.sampler is not None:
             self.sampler.load_state_dict(state["sampler"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bridges.cli import main
-from metta_core.run import CoreRun, TrainArgs, train
+from metta_core.run import CoreRun, TrainArgs, phase_learning_rate, train
 
 SMALL = dict(num_envs=4, batch_size=256, bptt_horizon=16, minibatch_size=64, update_epochs=2, progress=False,
              learning_rate=1e-3, hidden_size=16, target_return=None)
@@ -42,6 +42,24 @@ def test_train_writes_metrics_curve_and_checkpoint(tmp_path):
     state = checkpoint["state"]
     assert checkpoint["framework"] == "core" and checkpoint["settings"]["total_timesteps"] == 512
     assert state["epoch"] == 2 and set(state["losses"]["ppo"]) == {"loss_tracker", "anneal_beta", "burn_in_steps_iter"}
+
+
+def test_phase_learning_rate_decays_linearly_to_zero_once_per_phase():
+    args = TrainArgs(learning_rate=0.003, total_timesteps=1000, anneal_lr=True)
+    assert [phase_learning_rate(args, s) for s in (0, 250, 1000, 1500)] == [0.003, 0.003 * 0.75, 0.0, 0.0]
+    assert phase_learning_rate(TrainArgs(learning_rate=0.003, total_timesteps=1000), 750) == 0.003
+
+
+def test_anneal_lr_every_optimizer_step_of_a_phase_uses_the_phase_rate(tmp_path):
+    args = TrainArgs(**{**SMALL, "learning_rate": 0.002}, total_timesteps=1024, anneal_lr=True, out_dir=tmp_path)
+    run = CoreRun(args)
+    used = []
+    step = run.optimizer.step
+    run.optimizer.step = lambda *a, **k: (used.append(run.optimizer.param_groups[0]["lr"]), step(*a, **k))[1]
+    for before in (0, 256, 512):
+        start = len(used)
+        run.iteration()
+        assert len(used) > start and set(used[start:]) == {0.002 * (1 - before / 1024)}
 
 
 def test_cli_reports_bad_override(capsys):

@@ -8,7 +8,7 @@ import torch
 
 from bridges.torchrl.train import TorchRLRun, train
 from metta_core.errors import MettaError
-from metta_core.run import TrainArgs
+from metta_core.run import TrainArgs, phase_learning_rate
 
 TINY = dict(framework="torchrl", num_envs=4, batch_size=256, bptt_horizon=32, minibatch_size=64,
             update_epochs=2, hidden_size=16, progress=False, target_return=None)
@@ -74,3 +74,21 @@ def test_collector_run_beats_random(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert summary["episode_return_mean"] > 45, summary
     assert rows[-1]["episode_return_mean"] > 1.5 * rows[0]["episode_return_mean"]
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["metta", "clip_ppo"])
+def test_anneal_lr_steps_with_the_cores_schedule(tmp_path, native):
+    """--anneal-lr was once ignored here (a constant rate, silently): every optimizer step of a
+    phase must use ``phase_learning_rate`` of the steps taken before that phase's rollout."""
+    args = TrainArgs(**TINY, out_dir=tmp_path, total_timesteps=1024, anneal_lr=True, learning_rate=0.002)
+    run = TorchRLRun(args, native=native)
+    used = []
+    step = run.optimizer.step
+    run.optimizer.step = lambda *a, **k: (used.append(run.optimizer.param_groups[0]["lr"]), step(*a, **k))[1]
+    for _ in range(3):
+        before = len(used)
+        run.iteration()
+        rate = phase_learning_rate(args, run.env_steps - 256)
+        assert len(used) > before and set(used[before:]) == {rate}
+    run.close()
+    assert [0.002 * (1 - s / 1024) for s in (0, 256, 512)] == sorted(set(used), reverse=True)
