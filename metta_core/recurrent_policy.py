@@ -112,6 +112,20 @@ class RecurrentTrunk(nn.Module):
         return torch.cat([encoded, y], dim=-1), state
 
 
+def with_last_action(x: Tensor, last_actions: Tensor, num_actions: int | None) -> Tensor:
+    """Encoder input of a policy that conditions on its previous action: ``cat([x, a_prev], -1)``.
+
+    ``x`` is ``[*batch, features]`` (the flat observation); ``a_prev = one_hot(last_actions,
+    num_actions)`` for ``Discrete`` actions (``last_actions`` of ``batch`` shape, any trailing size-1
+    dim accepted) and the flat float action for ``Box`` (``num_actions=None``)."""
+    batch = x.shape[:-1]
+    if num_actions is None:
+        last = last_actions.reshape(*batch, -1).float()
+    else:
+        last = nn.functional.one_hot(last_actions.reshape(batch).long(), num_actions).float()
+    return torch.cat([x, last], dim=-1)
+
+
 class RecurrentActorCritic(nn.Module):
     """LSTM (or GRU) actor-critic with per-agent rollout memory and stored-state BPTT.
 
@@ -218,12 +232,7 @@ class RecurrentActorCritic(nn.Module):
                 f"{LAST_ACTIONS_KEY!r}; CoreTrainingLoop.add_last_action_to_td writes it during rollout "
                 f"and the buffer stores it when the policy's experience spec is part of the Experience spec"
             )
-        last = td[LAST_ACTIONS_KEY]
-        if self.continuous:
-            last = last.reshape(*batch, -1).float()
-        else:
-            last = nn.functional.one_hot(last.reshape(batch).long(), int(self.action_space.n)).float()
-        return torch.cat([x, last], dim=-1)
+        return with_last_action(x, td[LAST_ACTIONS_KEY], None if self.continuous else int(self.action_space.n))
 
     def _reset_flags(self, td: TensorDict) -> Tensor:
         """``dones or truncateds`` of each entry (SPEC §6). Rollout steps without the flags

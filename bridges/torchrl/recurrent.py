@@ -38,7 +38,9 @@ from torchrl.envs import InitTracker, TransformedEnv
 from torchrl.modules import GRUModule, IndependentNormal, LSTMModule, ProbabilisticActor
 
 from metta_core.errors import MettaError
-from metta_core.recurrent_policy import STATE_KEYS, RecurrentActorCritic
+from metta_core.recurrent_policy import LAST_ACTIONS_KEY, STATE_KEYS, RecurrentActorCritic
+
+from bridges.torchrl.last_action import LastAction, LastActionEncoder
 
 __all__ = [
     "TRAJ_IDS", "Concat", "NormalHead", "add_recurrent_transforms", "from_recurrent_actor_critic", "prepare_rows",
@@ -149,10 +151,18 @@ def _check_rows_follow_trajectories(td: TensorDictBase, is_init: Tensor, who: st
 
 
 def add_recurrent_transforms(env: TransformedEnv, *networks: nn.Module) -> TransformedEnv:
-    """Append ``InitTracker`` and the primer of every recurrent module in ``networks`` to ``env``."""
+    """Append ``InitTracker`` and the primer of every recurrent module in ``networks`` to ``env``, and
+    ``LastAction`` when a network reads the last action (``LastActionEncoder``)."""
     env.append_transform(InitTracker())
     for module in recurrent_modules(*networks):
         env.append_transform(module.make_tensordict_primer())
+    last_action_keys = {
+        key for network in networks for module in network.modules()
+        if isinstance(module, TensorDictModule) and isinstance(module.module, LastActionEncoder)
+        for key in module.in_keys[1:]
+    }
+    for key in sorted(last_action_keys, key=str):
+        env.append_transform(LastAction(out_key=key))
     return env
 
 
@@ -201,12 +211,15 @@ def _batch_first_view(cell: nn.RNNBase) -> nn.RNNBase:
 
 def from_recurrent_actor_critic(
     core: RecurrentActorCritic, action_spec: Any = None, *, observation_key: NestedKey = "observation",
+    last_action_key: NestedKey = LAST_ACTIONS_KEY,
 ) -> tuple[ProbabilisticActor, TensorDictModuleBase]:
     """A TorchRL actor and critic with exactly ``core``'s architecture, holding ``core``'s parameters.
 
     Per trunk (``core.trunks``: one shared, or ``actor_`` / ``critic_``)::
 
         encoded  = encoder(observation)                        Linear + Tanh
+                   (encoder(cat([observation, one_hot(last_actions)])) when ``core`` conditions on
+                   its last action: ``LastActionEncoder`` reading ``last_action_key``)
         cell_out = LSTMModule/GRUModule(encoded, stored state)  state keys = the core's buffer fields
         features = cat([encoded, cell_out])
 
@@ -217,19 +230,20 @@ def from_recurrent_actor_critic(
     the actor wrote). The modules hold the same parameter tensors as ``core`` (training either
     trains both); they run one step at a time in a collector and in recurrent mode in the loss.
     """
-    if core.condition_on_last_action:
-        raise MettaError(
-            "from_recurrent_actor_critic: condition_on_last_action=True has no TorchRL mapping here yet; build the "
-            "core policy with condition_on_last_action=False"
-        )
+    num_actions = None if core.continuous else int(core.action_space.n)
     trunks = []
     for trunk in core.trunks:
         keys = list(trunk.state_keys)
         wrapper = LSTMModule if isinstance(trunk.core, nn.LSTM) else GRUModule
         cell_name = "lstm" if wrapper is LSTMModule else "gru"
         prefix = keys[0][: -len(STATE_KEYS[cell_name][0])]  # "actor_" / "critic_", or "" for a shared trunk
+        if core.condition_on_last_action:
+            encoder = TensorDictModule(LastActionEncoder(trunk.encoder, num_actions),
+                                       in_keys=[observation_key, last_action_key], out_keys=[f"{prefix}encoded"])
+        else:
+            encoder = TensorDictModule(trunk.encoder, in_keys=[observation_key], out_keys=[f"{prefix}encoded"])
         modules = [
-            TensorDictModule(trunk.encoder, in_keys=[observation_key], out_keys=[f"{prefix}encoded"]),
+            encoder,
             wrapper(**{cell_name: _batch_first_view(trunk.core)}, in_keys=[f"{prefix}encoded", *keys],
                     out_keys=[f"{prefix}cell_out", *(("next", k) for k in keys)]),
             TensorDictModule(Concat(), in_keys=[f"{prefix}encoded", f"{prefix}cell_out"], out_keys=[f"{prefix}features"]),

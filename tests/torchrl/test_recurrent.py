@@ -25,11 +25,12 @@ OBS, ACTIONS, HIDDEN = 4, 3, 8
 B, T = 5, 7
 
 
-def make_core(cell: str = "lstm", shared: bool = False, layers: int = 1, seed: int = 0) -> RecurrentActorCritic:
+def make_core(cell: str = "lstm", shared: bool = False, layers: int = 1, seed: int = 0,
+              last_action: bool = False) -> RecurrentActorCritic:
     torch.manual_seed(seed)
     return RecurrentActorCritic(
         gym.spaces.Box(-1, 1, (OBS,)), gym.spaces.Discrete(ACTIONS), HIDDEN, num_layers=layers, cell=cell,
-        shared_core=shared,
+        shared_core=shared, condition_on_last_action=last_action,
     )
 
 
@@ -60,6 +61,10 @@ def make_rows(core: RecurrentActorCritic, resets: torch.Tensor, seed: int = 1) -
         },
         [B, T],
     )
+    if core.condition_on_last_action:  # any previous actions: the rows only have to carry them
+        shape = (B, T, *core.action_shape)
+        last = torch.randn(shape, generator=g) if core.continuous else torch.randint(0, ACTIONS, shape, generator=g)
+        core_rows["last_actions"] = torchrl_rows["last_actions"] = last
     torchrl_rows.names = [None, TIME_DIM_NAME]
     return core_rows, torchrl_rows
 
@@ -74,9 +79,12 @@ RESETS = {
 
 
 @pytest.mark.parametrize("resets", list(RESETS), ids=list(RESETS))
-@pytest.mark.parametrize("cell,shared,layers", [("lstm", False, 1), ("gru", False, 1), ("lstm", True, 1), ("gru", True, 2)])
-def test_modules_reproduce_the_core_training_forward(cell, shared, layers, resets):
-    core = make_core(cell, shared, layers)
+@pytest.mark.parametrize("cell,shared,layers,last_action", [
+    ("lstm", False, 1, False), ("gru", False, 1, False), ("lstm", True, 1, False), ("gru", True, 2, False),
+    ("lstm", False, 1, True), ("gru", True, 1, True),
+])
+def test_modules_reproduce_the_core_training_forward(cell, shared, layers, last_action, resets):
+    core = make_core(cell, shared, layers, last_action=last_action)
     actor, critic = from_recurrent_actor_critic(core)
     core_rows, rows = make_rows(core, RESETS[resets])
     expected = core(core_rows.clone(), action=rows["action"])
@@ -90,9 +98,10 @@ def test_modules_reproduce_the_core_training_forward(cell, shared, layers, reset
     torch.testing.assert_close(values, expected["values"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["separate", "shared_backbone"])
-def test_loss_terms_and_gradients_equal_the_core(shared):
-    core = make_core("lstm", shared)
+@pytest.mark.parametrize("shared,last_action", [(False, False), (True, False), (False, True)],
+                         ids=["separate", "shared_backbone", "last_action"])
+def test_loss_terms_and_gradients_equal_the_core(shared, last_action):
+    core = make_core("lstm", shared, last_action=last_action)
     actor, critic = from_recurrent_actor_critic(core)
     core_rows, rows = make_rows(core, RESETS["mid_row"])
     cfg = PPOConfig()
@@ -123,9 +132,11 @@ def test_loss_terms_and_gradients_equal_the_core(shared):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_box_actions_get_the_cores_diagonal_normal():
+@pytest.mark.parametrize("last_action", [False, True], ids=["plain", "last_action"])
+def test_box_actions_get_the_cores_diagonal_normal(last_action):
     torch.manual_seed(0)
-    core = RecurrentActorCritic(gym.spaces.Box(-1, 1, (OBS,)), gym.spaces.Box(-1, 1, (2,)), HIDDEN)
+    core = RecurrentActorCritic(gym.spaces.Box(-1, 1, (OBS,)), gym.spaces.Box(-1, 1, (2,)), HIDDEN,
+                                condition_on_last_action=last_action)
     actor, critic = from_recurrent_actor_critic(core)
     core_rows, rows = make_rows(core, RESETS["mid_row"])
     action = torch.randn(B, T, 2)
@@ -177,12 +188,12 @@ def test_rows_cut_with_a_horizon_that_does_not_follow_the_envs_are_refused(lstm_
         loss(rows)
 
 
-def test_last_action_conditioning_is_refused_by_the_builder():
-    torch.manual_seed(0)
-    core = RecurrentActorCritic(gym.spaces.Box(-1, 1, (OBS,)), gym.spaces.Discrete(ACTIONS), HIDDEN,
-                                condition_on_last_action=True)
-    with pytest.raises(MettaError, match="condition_on_last_action=True has no TorchRL mapping"):
-        from_recurrent_actor_critic(core)
+def test_last_action_conditioned_modules_without_last_actions_are_refused():
+    core = make_core("lstm", last_action=True)
+    actor, critic = from_recurrent_actor_critic(core)
+    _, rows = make_rows(core, RESETS["mid_row"])
+    with pytest.raises(MettaError, match=r"the actor network reads \['last_actions'\], missing from the input"):
+        MettaPPOLoss(actor, critic)(rows.exclude("last_actions"))
 
 
 # --- the collector pipeline and the CLI run -------------------------------------------------------------
@@ -323,3 +334,33 @@ def test_recurrent_policy_with_mettagrid_is_refused_by_name(tmp_path):
                      bptt_horizon=32, minibatch_size=256, progress=False, out_dir=tmp_path)
     with pytest.raises(MettaError, match="--policy lstm: the torchrl bridge trains --env mettagrid:arena-8 with the grid"):
         TorchRLRun(args)
+
+
+def test_last_action_transform_follows_metta_across_episode_ends_and_batches():
+    """``last_actions[t]`` is the env's action of step ``t - 1``: zero before the first step, kept
+    across episode ends (is_init) and into the collector's next batch (Metta does not reset it)."""
+    from tensordict.nn import TensorDictSequential
+    from torchrl.collectors import Collector
+
+    import metta_core.cartpole_no_velocity  # noqa: F401  (registers CartPoleNoVel-v1)
+    from bridges.torchrl.last_action import LastAction
+    from bridges.torchrl.recurrent import add_recurrent_transforms
+    from bridges.torchrl.train import make_env
+
+    env = make_env("CartPoleNoVel-v1", 3, 0)
+    torch.manual_seed(0)
+    venv = env.base_env._env
+    core = RecurrentActorCritic(venv.single_observation_space, venv.single_action_space, HIDDEN,
+                                condition_on_last_action=True)
+    actor, critic = from_recurrent_actor_critic(core, env.full_action_spec)
+    add_recurrent_transforms(env, actor, critic)
+    assert sum(isinstance(t, LastAction) for t in env.transform) == 1
+    collector = Collector(env, TensorDictSequential(actor, critic), frames_per_batch=3 * 40, total_frames=-1)
+    batches = iter(collector)
+    first, second = next(batches), next(batches)
+    collector.shutdown()
+    assert bool(first["is_init"].any()) or bool(second["is_init"].any())  # an episode ended on the way
+    actions = torch.cat([first["action"], second["action"]], dim=1)
+    last = torch.cat([first["last_actions"], second["last_actions"]], dim=1)
+    assert torch.equal(last[:, 0], torch.zeros(3, dtype=last.dtype))
+    assert torch.equal(last[:, 1:], actions[:, :-1])
