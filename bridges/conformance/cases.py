@@ -524,6 +524,10 @@ CASE_SPECS: tuple[CaseSpec, ...] = (
              agents=4, done_prob=0.15,
              trainer={"batch_size": 128, "bptt_horizon": 8, "minibatch_size": 32, "update_epochs": 2,
                       "total_timesteps": 1280}),
+    CaseSpec("lstm_last_action", "LSTM (hidden 8), separate actor/critic trunks, Categorical, conditioned on the "
+             "last action (one-hot beside the observation); random last actions, non-zero where terminals and "
+             "truncations at column 0, mid-row and in runs reset the state (Metta keeps them)", seed=28,
+             trainer=_RECURRENT, kind="lstm", condition_on_last_action=True, done_prob=0.05, done_pattern="resets"),
 )
 """The canonical matrix (``--all``); specs with ``quick=True`` form the default quick run."""
 

@@ -103,7 +103,8 @@ def test_parameter_shapes_are_recurrent_actor_critics():
         assert {k: tuple(v.shape) for k, v in policy.state_dict().items()} == parameter_shapes(block)
 
 
-@pytest.mark.parametrize("name", ["lstm_discrete_dones_truncations", "lstm_continuous", "gru_shared_backbone"])
+@pytest.mark.parametrize("name", ["lstm_discrete_dones_truncations", "lstm_continuous", "gru_shared_backbone",
+                                  "lstm_last_action"])
 def test_recurrent_cases_need_the_unroll_from_column_0(name):
     """A runner that reads each column's stored state (instead of unrolling from column 0), or that
     skips the reset of the stored state at column 0, gets other numbers than the case expects."""
