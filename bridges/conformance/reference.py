@@ -4,8 +4,8 @@ Nothing here imports ``metta_core`` or a bridge: the expected values stored in t
 must not come from the code they check. The policy is evaluated from its weights by a small
 functional forward (the architectures documented in ``golden/README.md``: a tanh MLP, or a
 recurrent trunk stepped one row and one column at a time with the LSTM/GRU gate equations
-written out, SPEC §6, optionally reading the previous action beside the observation), the advantage is a per-element float32 loop, and the training phase is
-written out step by step.
+written out, SPEC §6, optionally reading the previous action beside the observation), the
+advantage is a per-element float32 loop, and the training phase is written out step by step.
 Settings are the plain dicts of a case file (``ppo``, ``trainer``, ``optimizer``, ``policy``).
 
 Conventions (SPEC §1): every data array is ``[segments, horizon]`` (plus feature dims);
@@ -222,11 +222,12 @@ def trunk_row(params: Mapping[str, Tensor], policy: Mapping[str, Any], prefix: s
               stored: list[Tensor]) -> Tensor:
     """Features ``[T, 2 hidden]`` of one buffer row through trunk ``prefix`` (``"trunks.0"`` ...), SPEC §6.
 
-    ``inputs [T, in]`` (``encoder_inputs``: the observations, and the last actions); ``reset [T]`` (``dones[t] or truncateds[t]``); ``stored``: the stored
-    input state of column 0, one ``[layers, hidden]`` tensor per state part (``h``, and ``c`` for an
-    LSTM). For ``t = 0 .. T-1``: the state is zeroed if ``reset[t]``, then
-    ``e_t = tanh(W_enc x_t + b_enc)`` (``x_t = inputs[t]``) goes through the layers of the cell (layer ``l``'s input is
-    layer ``l-1``'s new ``h``), and the feature is ``[e_t, h_t of the last layer]``.
+    ``inputs [T, in]`` (``encoder_inputs``: the observations, and the last actions); ``reset [T]``
+    (``dones[t] or truncateds[t]``); ``stored``: the stored input state of column 0, one
+    ``[layers, hidden]`` tensor per state part (``h``, and ``c`` for an LSTM). For
+    ``t = 0 .. T-1``: the state is zeroed if ``reset[t]``, then ``e_t = tanh(W_enc x_t + b_enc)``
+    (``x_t = inputs[t]``) goes through the layers of the cell (layer ``l``'s input is layer
+    ``l-1``'s new ``h``), and the feature is ``[e_t, h_t of the last layer]``.
     """
     lstm = policy_kind(policy) == "lstm"
     layers = policy["num_layers"]
@@ -253,8 +254,9 @@ def recurrent_policy_forward(params: Mapping[str, Tensor], policy: Mapping[str, 
 
     ``rows`` holds ``env_obs``, ``actions``, ``dones``, ``truncateds`` and the ``policy_data_keys``
     arrays (``[rows, T, ...]``: the stored states, and ``last_actions`` with
-    ``condition_on_last_action``, appended to the observation by ``encoder_inputs``). Each row is unrolled alone (``trunk_row``) from its stored state of column
-    0; the stored states of later columns are not read. The actor head ``actor.0`` reads trunk 0's
+    ``condition_on_last_action``, appended to the observation by ``encoder_inputs``). Each row is
+    unrolled alone (``trunk_row``) from its stored state of column 0; the stored states of later
+    columns are not read. The actor head ``actor.0`` reads trunk 0's
     features, the critic head ``critic.0`` the last trunk's (the same trunk with ``shared_core``).
     """
     keys = state_keys(policy)

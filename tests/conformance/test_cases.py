@@ -198,7 +198,8 @@ LAST_ACTION_BAD_FILES = {
     "missing last_actions": (lambda p: _rewrite_npz(p.with_suffix(".npz"), lambda a: a.pop("data/last_actions")),
                              "data/last_actions"),
     "last_actions of another length": (
-        lambda p: _rewrite_npz(p.with_suffix(".npz"), lambda a: a.update({"data/last_actions": a["data/last_actions"][:, :-1]})),
+        lambda p: _rewrite_npz(p.with_suffix(".npz"),
+                               lambda a: a.update({"data/last_actions": a["data/last_actions"][:, :-1]})),
         "data/last_actions"),
     "last_actions as floats": (
         lambda p: _rewrite_npz(p.with_suffix(".npz"),

@@ -81,7 +81,8 @@ def actor_critic(case: Case) -> ActorCritic:
 
 def recurrent_actor_critic(case: Case) -> RecurrentActorCritic:
     """``RecurrentActorCritic`` of a recurrent case (``policy.kind`` lstm/gru, ``hidden_size``,
-    ``num_layers``, ``shared_core``, ``condition_on_last_action``) with its initial weights (names must match exactly)."""
+    ``num_layers``, ``shared_core``, ``condition_on_last_action``) with its initial weights (names
+    must match exactly)."""
     pol = case.config["policy"]
     policy = RecurrentActorCritic(*spaces(case), hidden_size=pol["hidden_size"], num_layers=pol["num_layers"],
                                   cell=pol["kind"], shared_core=pol["shared_core"],

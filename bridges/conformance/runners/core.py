@@ -2,7 +2,8 @@
 
 Runs every kind of case: MLP cases through ``ActorCritic`` on the flattened rows, recurrent ones
 through ``RecurrentActorCritic`` on whole ``[rows, horizon]`` rows with their stored states (SPEC
-§6) and, for a policy conditioned on its last action, the stored ``last_actions``; and multi-agent cases like any other: agents are already rows (``layout.agents``, SPEC §1).
+§6) and, for a policy conditioned on its last action, the stored ``last_actions``; and
+multi-agent cases like any other: agents are already rows (``layout.agents``, SPEC §1).
 """
 
 from __future__ import annotations
