@@ -5,11 +5,13 @@ A case is two files next to each other (format ``metta-conformance/1``, document
 
 - ``<name>.json``: settings (``ppo`` = every ``PPOConfig`` field, ``trainer`` sizes,
   ``trainer_epoch``, ``sample_seed``, ``optimizer``, ``policy`` with its optional ``kind``
-  ``mlp`` | ``lstm`` | ``gru``, the optional ``layout``), a manifest of the arrays
+  ``mlp`` | ``lstm`` | ``gru`` and, for the recurrent kinds, the optional
+  ``condition_on_last_action``, the optional ``layout``), a manifest of the arrays
   (``shape``, ``dtype``), and the expected scalars (``expected.terms``, ``expected.phase_stats``,
   ``expected.phase_counts``) or ``expected.error``.
 - ``<name>.npz``: the arrays, keyed ``data/<field>`` (Metta layout ``[segments, horizon, ...]``,
-  SPEC §1; a recurrent policy's stored input states ``data/<state key>``, SPEC §6),
+  SPEC §1; a recurrent policy's stored input states ``data/<state key>``, SPEC §6, and its
+  previous actions ``data/last_actions`` when it conditions on them),
   ``weights/<param>`` (initial ``ActorCritic`` or ``RecurrentActorCritic`` parameters),
   ``minibatch/idx`` and ``minibatch/prio_weights`` (the minibatch of the one-step check), and
   ``expected/{grads,params_after_step,params_after_phase}/<param>``.
@@ -37,8 +39,9 @@ from metta_core.config import PPOConfig, TrainerConfig
 from metta_core.errors import MettaError
 
 from bridges.conformance import reference
-from bridges.conformance.reference import (Measurement, PHASE_STAT_NAMES, RECURRENT_KINDS, TERM_NAMES, policy_kind,
-                                           state_keys, trunk_roles)
+from bridges.conformance.reference import (LAST_ACTIONS_KEY, Measurement, PHASE_STAT_NAMES, RECURRENT_KINDS, TERM_NAMES,
+                                           conditions_on_last_action, last_action_width, policy_data_keys,
+                                           policy_kind, state_keys, trunk_roles)
 
 FORMAT = "metta-conformance/1"
 """Value of the ``format`` field of every case file."""
@@ -57,7 +60,10 @@ ARCHITECTURES = {"mlp": "actor_critic_tanh_mlp", "lstm": "recurrent_actor_critic
 """``policy.architecture`` of each ``policy.kind``."""
 
 RECURRENT_FIELDS = ("hidden_size", "num_layers", "shared_core")
-"""``policy`` fields of the recurrent kinds only (``hidden`` is the MLP kind's only)."""
+"""Required ``policy`` fields of the recurrent kinds only (``hidden`` is the MLP kind's only)."""
+
+LAST_ACTION_FIELD = "condition_on_last_action"
+"""Optional ``policy`` field of the recurrent kinds: the encoders also read ``data/last_actions``."""
 
 PARAM_GROUPS = ("grads", "params_after_step", "params_after_phase")
 """The per-parameter expected arrays, ``expected/<group>/<param>``."""
@@ -84,7 +90,8 @@ def parameter_shapes(policy: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     MLP: actor and critic are separate tanh MLPs ``obs_dim -> hidden... -> out``; their linear
     layers sit at even indices of an ``nn.Sequential`` (``actor.0``, ``actor.2``, ...).
     Recurrent: one trunk (``shared_core``) or two (actor's ``trunks.0``, critic's ``trunks.1``),
-    each ``encoder.0`` (``Linear obs_dim -> hidden_size``, then tanh) and ``core`` (``nn.LSTM`` /
+    each ``encoder.0`` (``Linear obs_dim -> hidden_size``, then tanh; ``obs_dim + n`` or
+    ``obs_dim + dim`` inputs with ``condition_on_last_action``) and ``core`` (``nn.LSTM`` /
     ``nn.GRU`` parameters ``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``,
     ``bias_hh_l{k}``), and linear heads ``actor.0``, ``critic.0`` over ``2 * hidden_size`` features.
     ``out`` is ``n`` for discrete actions, ``dim`` for continuous ones (plus a state-independent
@@ -99,7 +106,7 @@ def parameter_shapes(policy: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         hidden = policy["hidden_size"]
         gates = (4 if policy_kind(policy) == "lstm" else 3) * hidden
         for j in range(len(trunk_roles(policy))):
-            shapes[f"trunks.{j}.encoder.0.weight"] = (hidden, policy["obs_dim"])
+            shapes[f"trunks.{j}.encoder.0.weight"] = (hidden, policy["obs_dim"] + last_action_width(policy))
             shapes[f"trunks.{j}.encoder.0.bias"] = (hidden,)
             for k in range(policy["num_layers"]):
                 shapes[f"trunks.{j}.core.weight_ih_l{k}"] = (gates, hidden)
@@ -153,6 +160,17 @@ class Case:
     def state_keys(self) -> tuple[str, ...]:
         """The recurrent policy's stored input state fields in ``data`` (``()`` for an MLP)."""
         return state_keys(self.config["policy"])
+
+    @property
+    def conditions_on_last_action(self) -> bool:
+        """Whether the recurrent policy's encoders read ``data/last_actions`` (``policy.condition_on_last_action``)."""
+        return conditions_on_last_action(self.config["policy"])
+
+    @property
+    def policy_keys(self) -> tuple[str, ...]:
+        """The ``data`` fields the policy reads besides Metta's step fields: the stored states, and
+        ``last_actions`` when it conditions on its last action (``()`` for an MLP)."""
+        return policy_data_keys(self.config["policy"])
 
     @property
     def agents(self) -> int:
@@ -225,6 +243,12 @@ def _check_policy(case: str, pol: Any) -> None:
                 raise CaseError(case, f"policy.{key}", f"must be a positive integer, got {pol[key]!r}")
         if not isinstance(pol["shared_core"], bool):
             raise CaseError(case, "policy.shared_core", f"must be true or false, got {pol['shared_core']!r}")
+        if not isinstance(pol.get(LAST_ACTION_FIELD, False), bool):
+            raise CaseError(case, f"policy.{LAST_ACTION_FIELD}",
+                            f"must be true or false (absent means false), got {pol[LAST_ACTION_FIELD]!r}")
+    elif LAST_ACTION_FIELD in pol:
+        raise CaseError(case, f"policy.{LAST_ACTION_FIELD}", f"is not a field of policy.kind {kind!r}; only the "
+                        f"recurrent kinds {list(RECURRENT_KINDS)} condition on their last action")
     elif not isinstance(pol["hidden"], list) or not all(isinstance(h, int) and h > 0 for h in pol["hidden"]):
         raise CaseError(case, "policy.hidden", f"must be a list of positive widths, got {pol['hidden']!r}")
     action = pol["action"]
@@ -267,6 +291,8 @@ def expected_shapes(doc: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], 
         out[f"data/{name}"] = (st, "float32")
     for key in state_keys(pol):
         out[f"data/{key}"] = ((*st, pol["num_layers"], pol["hidden_size"]), "float32")
+    if conditions_on_last_action(pol):
+        out[f"data/{LAST_ACTIONS_KEY}"] = out["data/actions"]
     shapes = parameter_shapes(pol)
     out.update({f"weights/{k}": (s, "float32") for k, s in shapes.items()})
     out["minibatch/idx"] = ((n["minibatch_segments"],), "int64")
@@ -321,9 +347,10 @@ def _check_arrays(case: str, doc: Mapping[str, Any], arrays: Mapping[str, np.nda
         if not np.isin(arrays[key], (0.0, 1.0)).all():
             raise CaseError(case, key, "flags must be 0.0 or 1.0")
     n_actions = doc["policy"]["action"].get("n")
-    actions = arrays["data/actions"]
-    if n_actions is not None and ((actions < 0) | (actions >= n_actions)).any():
-        raise CaseError(case, "data/actions", f"discrete actions must be in 0..{n_actions - 1}")
+    for key in ("actions", *((LAST_ACTIONS_KEY,) if conditions_on_last_action(doc["policy"]) else ())):
+        actions = arrays[f"data/{key}"]
+        if n_actions is not None and ((actions < 0) | (actions >= n_actions)).any():
+            raise CaseError(case, f"data/{key}", f"discrete actions must be in 0..{n_actions - 1}")
     idx = arrays["minibatch/idx"]
     segments = arrays["data/values"].shape[0]
     if ((idx < 0) | (idx >= segments)).any() or len(set(idx.tolist())) != len(idx):
@@ -373,7 +400,7 @@ def load_case(json_path: str | Path) -> Case:
         config["layout"] = dict(doc["layout"])
     return Case(
         name=case, path=path, description=doc["description"], config=config,
-        data={f: arrays[f"data/{f}"] for f in (*DATA_FIELDS, *state_keys(doc["policy"]))},
+        data={f: arrays[f"data/{f}"] for f in (*DATA_FIELDS, *policy_data_keys(doc["policy"]))},
         weights={k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("weights/")},
         idx=arrays["minibatch/idx"], prio_weights=arrays["minibatch/prio_weights"],
         expected=expected, expected_error=exp.get("error"), phase_counts=dict(exp.get("phase_counts", {})),
@@ -400,7 +427,9 @@ class CaseSpec:
     flag; ``done_pattern="edges"`` also sets terminals at segment starts, ends and in runs,
     ``"resets"`` terminals and truncations at column 0, mid-row and in runs, and one row without
     any. ``kind`` ``"lstm"`` / ``"gru"`` makes the policy a ``RecurrentActorCritic`` of
-    ``hidden_size``, ``num_layers`` and ``shared_core`` (``hidden`` is then unused); ``agents > 1``
+    ``hidden_size``, ``num_layers`` and ``shared_core`` (``hidden`` is then unused), reading its
+    previous action too with ``condition_on_last_action`` (random ``last_actions``, non-zero
+    where the flags reset the state: Metta keeps them across episode ends); ``agents > 1``
     adds ``layout = {"agents": agents}`` and gives all agents of an env group the same flags.
     ``log_std_mean``: mean of the initial ``log_std`` (continuous actions); a wider Normal keeps
     the log-probs small, so float32 rounding of them stays far below the tolerances.
@@ -424,6 +453,7 @@ class CaseSpec:
     hidden_size: int = 8
     num_layers: int = 1
     shared_core: bool = False
+    condition_on_last_action: bool = False
     agents: int = 1
     log_std_mean: float = -0.5
     quick: bool = False
@@ -494,6 +524,10 @@ CASE_SPECS: tuple[CaseSpec, ...] = (
              agents=4, done_prob=0.15,
              trainer={"batch_size": 128, "bptt_horizon": 8, "minibatch_size": 32, "update_epochs": 2,
                       "total_timesteps": 1280}),
+    CaseSpec("lstm_last_action", "LSTM (hidden 8), separate actor/critic trunks, Categorical, conditioned on the "
+             "last action (one-hot beside the observation); random last actions, non-zero where terminals and "
+             "truncations at column 0, mid-row and in runs reset the state (Metta keeps them)", seed=28,
+             trainer=_RECURRENT, kind="lstm", condition_on_last_action=True, done_prob=0.05, done_pattern="resets"),
 )
 """The canonical matrix (``--all``); specs with ``quick=True`` form the default quick run."""
 
@@ -508,6 +542,8 @@ def _spec_config(spec: CaseSpec) -> dict[str, Any]:
         policy = {"architecture": ARCHITECTURES[spec.kind], "kind": spec.kind, "obs_dim": spec.obs_dim,
                   "hidden_size": spec.hidden_size, "num_layers": spec.num_layers, "shared_core": spec.shared_core,
                   "action": dict(spec.action)}
+        if spec.condition_on_last_action:  # absent otherwise: the files of the other cases predate it
+            policy[LAST_ACTION_FIELD] = True
     optimizer = {"name": "adam", "lr": spec.lr, "betas": [0.9, 0.999], "eps": 1e-12}
     config = {"ppo": ppo, "trainer": trainer, "trainer_epoch": spec.trainer_epoch, "sample_seed": spec.seed,
               "optimizer": optimizer, "policy": policy}
@@ -542,6 +578,21 @@ def _flags(spec: CaseSpec, rng: np.random.Generator, st: tuple[int, int]) -> tup
     return dones, truncateds
 
 
+def _last_actions(rng: np.random.Generator, action: Mapping[str, Any], st: tuple[int, int], dones: np.ndarray,
+                  truncateds: np.ndarray) -> np.ndarray:
+    """Random previous actions, independent of ``actions`` (a runner must read the stored field, not
+    shift the actions), not 0 where ``dones or truncateds`` (Metta keeps the last action across an
+    episode end: a runner that zeroes it there, as a per-episode previous-action buffer does, gets
+    other numbers). Discrete: ``[S, T]`` indices, ``1 .. n-1`` at the resets; continuous:
+    ``[S, T, dim]`` floats."""
+    if action["kind"] == "continuous":
+        return rng.normal(0.0, 0.8, (*st, action["dim"])).astype(np.float32)
+    reset = (dones + truncateds) > 0
+    anywhere = rng.integers(0, action["n"], st)
+    non_zero = rng.integers(1, action["n"], st)
+    return np.where(reset, non_zero, anywhere).astype(np.int64)
+
+
 def _spec_arrays(spec: CaseSpec, config: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Data and initial weights from ``spec.seed`` (NumPy's PCG64; stored log-probs/values off the policy's)."""
     rng = np.random.default_rng(spec.seed)
@@ -562,9 +613,11 @@ def _spec_arrays(spec: CaseSpec, config: Mapping[str, Any]) -> dict[str, np.ndar
     else:
         actions = rng.normal(0.0, 0.8, (*st, action["dim"])).astype(np.float32)
     # random, non-zero stored states at every column: only column 0's may be read (SPEC §6)
-    states = {key: rng.normal(0.0, 0.5, (*st, spec.num_layers, spec.hidden_size)).astype(np.float32)
-              for key in reference.state_keys(policy)}
+    policy_inputs = {key: rng.normal(0.0, 0.5, (*st, spec.num_layers, spec.hidden_size)).astype(np.float32)
+                     for key in reference.state_keys(policy)}
     dones, truncateds = _flags(spec, rng, st)
+    if spec.condition_on_last_action:
+        policy_inputs[LAST_ACTIONS_KEY] = _last_actions(rng, action, st, dones, truncateds)
     # in float64, rounded once to float32 below: a float32 matmul rounds differently on different
     # CPUs (BLAS kernels), and the stored data must be the same bytes on every machine
     params = {k: torch.from_numpy(v).double() for k, v in weights.items()}
@@ -576,7 +629,7 @@ def _spec_arrays(spec: CaseSpec, config: Mapping[str, Any]) -> dict[str, np.ndar
                 flat_actions if action["kind"] == "discrete" else flat_actions.double())
         else:
             rows = {k: torch.from_numpy(v) for k, v in {"env_obs": obs, "actions": actions, "dones": dones,
-                                                        "truncateds": truncateds, **states}.items()}
+                                                        "truncateds": truncateds, **policy_inputs}.items()}
             rows = {k: v.double() if v.is_floating_point() else v for k, v in rows.items()}
             logprob, _, value = reference.recurrent_policy_forward(params, policy, rows)
     data = {
@@ -587,7 +640,7 @@ def _spec_arrays(spec: CaseSpec, config: Mapping[str, Any]) -> dict[str, np.ndar
         "rewards": rng.normal(size=st).astype(np.float32),
         "dones": dones,
         "truncateds": truncateds,
-        **states,
+        **policy_inputs,
     }
     out = {f"data/{k}": v for k, v in data.items()}
     out.update({f"weights/{k}": v for k, v in weights.items()})
@@ -596,7 +649,7 @@ def _spec_arrays(spec: CaseSpec, config: Mapping[str, Any]) -> dict[str, np.ndar
 
 def _expected(config: Mapping[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """Run the reference; add the minibatch and expected arrays to ``arrays``; return the JSON block."""
-    data = {f: torch.from_numpy(arrays[f"data/{f}"]) for f in (*DATA_FIELDS, *state_keys(config["policy"]))}
+    data = {f: torch.from_numpy(arrays[f"data/{f}"]) for f in (*DATA_FIELDS, *policy_data_keys(config["policy"]))}
     weights = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("weights/")}
     ppo, trainer = config["ppo"], config["trainer"]
     n = reference.sizes(trainer)

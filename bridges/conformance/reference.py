@@ -4,8 +4,8 @@ Nothing here imports ``metta_core`` or a bridge: the expected values stored in t
 must not come from the code they check. The policy is evaluated from its weights by a small
 functional forward (the architectures documented in ``golden/README.md``: a tanh MLP, or a
 recurrent trunk stepped one row and one column at a time with the LSTM/GRU gate equations
-written out, SPEC §6), the advantage is a per-element float32 loop, and the training phase is
-written out step by step.
+written out, SPEC §6, optionally reading the previous action beside the observation), the
+advantage is a per-element float32 loop, and the training phase is written out step by step.
 Settings are the plain dicts of a case file (``ppo``, ``trainer``, ``optimizer``, ``policy``).
 
 Conventions (SPEC §1): every data array is ``[segments, horizon]`` (plus feature dims);
@@ -135,6 +135,53 @@ def state_keys(policy: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(f"{role}{kind}_{part}" for role in trunk_roles(policy) for part in parts)
 
 
+LAST_ACTIONS_KEY = "last_actions"
+"""``data/<key>`` of the previous actions a policy with ``condition_on_last_action`` reads (Metta's
+``last_actions`` buffer field)."""
+
+
+def conditions_on_last_action(policy: Mapping[str, Any]) -> bool:
+    """``policy.condition_on_last_action`` of a case's policy block: ``False`` when absent."""
+    return bool(policy.get("condition_on_last_action", False))
+
+
+def policy_data_keys(policy: Mapping[str, Any]) -> tuple[str, ...]:
+    """The ``data/<key>`` arrays the policy reads besides Metta's step fields: the stored input states
+    (``state_keys``) and ``last_actions`` when the policy conditions on its last action."""
+    return state_keys(policy) + ((LAST_ACTIONS_KEY,) if conditions_on_last_action(policy) else ())
+
+
+def last_action_width(policy: Mapping[str, Any]) -> int:
+    """Features the last action adds to the encoder input: ``n`` (one-hot, discrete), ``dim`` (the float
+    action, continuous), 0 for a policy that does not condition on it."""
+    if not conditions_on_last_action(policy):
+        return 0
+    action = policy["action"]
+    return action["n"] if action["kind"] == "discrete" else action["dim"]
+
+
+def encoder_inputs(policy: Mapping[str, Any], obs: Tensor, last_actions: Tensor | None) -> Tensor:
+    """The trunk encoder's input of one row, ``[T, obs_dim + last_action_width]``.
+
+    ``obs [T, obs_dim]``; with ``condition_on_last_action`` the row's ``last_actions`` (``[T]`` action
+    indices, or ``[T, dim]`` floats) is appended at each column ``t``: ``x_t = [obs_t, a_t]`` where
+    ``a_t`` is the one-hot vector of ``last_actions[t]`` (``n`` entries, a 1 at the action's index)
+    for discrete actions and the action itself for continuous ones. The stored value is used as it
+    is at every column (Metta does not reset it at episode ends).
+    """
+    if not conditions_on_last_action(policy):
+        return obs
+    action = policy["action"]
+    horizon = obs.shape[0]
+    if action["kind"] == "discrete":
+        previous = torch.zeros(horizon, action["n"], dtype=obs.dtype)
+        for t in range(horizon):
+            previous[t, int(last_actions[t])] = 1.0
+    else:
+        previous = last_actions.reshape(horizon, action["dim"]).to(obs.dtype)
+    return torch.cat([obs, previous], dim=1)
+
+
 def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor):
     """One LSTM step of one row (``torch.nn.LSTM``'s equations and gate order i, f, g, o)::
 
@@ -171,24 +218,25 @@ def gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_h
     return (1 - z) * n + z * h
 
 
-def trunk_row(params: Mapping[str, Tensor], policy: Mapping[str, Any], prefix: str, obs: Tensor, reset: Tensor,
+def trunk_row(params: Mapping[str, Tensor], policy: Mapping[str, Any], prefix: str, inputs: Tensor, reset: Tensor,
               stored: list[Tensor]) -> Tensor:
     """Features ``[T, 2 hidden]`` of one buffer row through trunk ``prefix`` (``"trunks.0"`` ...), SPEC §6.
 
-    ``obs [T, obs_dim]``; ``reset [T]`` (``dones[t] or truncateds[t]``); ``stored``: the stored
-    input state of column 0, one ``[layers, hidden]`` tensor per state part (``h``, and ``c`` for an
-    LSTM). For ``t = 0 .. T-1``: the state is zeroed if ``reset[t]``, then
-    ``e_t = tanh(W_enc obs_t + b_enc)`` goes through the layers of the cell (layer ``l``'s input is
-    layer ``l-1``'s new ``h``), and the feature is ``[e_t, h_t of the last layer]``.
+    ``inputs [T, in]`` (``encoder_inputs``: the observations, and the last actions); ``reset [T]``
+    (``dones[t] or truncateds[t]``); ``stored``: the stored input state of column 0, one
+    ``[layers, hidden]`` tensor per state part (``h``, and ``c`` for an LSTM). For
+    ``t = 0 .. T-1``: the state is zeroed if ``reset[t]``, then ``e_t = tanh(W_enc x_t + b_enc)``
+    (``x_t = inputs[t]``) goes through the layers of the cell (layer ``l``'s input is layer
+    ``l-1``'s new ``h``), and the feature is ``[e_t, h_t of the last layer]``.
     """
     lstm = policy_kind(policy) == "lstm"
     layers = policy["num_layers"]
     state = [[part[layer] for layer in range(layers)] for part in stored]  # state[part][layer]: [hidden]
     features = []
-    for t in range(obs.shape[0]):
+    for t in range(inputs.shape[0]):
         if bool(reset[t]):
             state = [[torch.zeros_like(s) for s in part] for part in state]
-        encoded = torch.tanh(params[f"{prefix}.encoder.0.weight"] @ obs[t] + params[f"{prefix}.encoder.0.bias"])
+        encoded = torch.tanh(params[f"{prefix}.encoder.0.weight"] @ inputs[t] + params[f"{prefix}.encoder.0.bias"])
         x = encoded
         for layer in range(layers):
             weights = [params[f"{prefix}.core.{name}_l{layer}"] for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
@@ -204,9 +252,11 @@ def trunk_row(params: Mapping[str, Tensor], policy: Mapping[str, Any], prefix: s
 def recurrent_policy_forward(params: Mapping[str, Tensor], policy: Mapping[str, Any], rows: Mapping[str, Tensor]):
     """``(logprob, entropy, value)``, each ``[rows, T]``, of the recurrent actor-critic on buffer rows.
 
-    ``rows`` holds ``env_obs``, ``actions``, ``dones``, ``truncateds`` and the ``state_keys`` arrays
-    (``[rows, T, ...]``). Each row is unrolled alone (``trunk_row``) from its stored state of column
-    0; the stored states of later columns are not read. The actor head ``actor.0`` reads trunk 0's
+    ``rows`` holds ``env_obs``, ``actions``, ``dones``, ``truncateds`` and the ``policy_data_keys``
+    arrays (``[rows, T, ...]``: the stored states, and ``last_actions`` with
+    ``condition_on_last_action``, appended to the observation by ``encoder_inputs``). Each row is
+    unrolled alone (``trunk_row``) from its stored state of column 0; the stored states of later
+    columns are not read. The actor head ``actor.0`` reads trunk 0's
     features, the critic head ``critic.0`` the last trunk's (the same trunk with ``shared_core``).
     """
     keys = state_keys(policy)
@@ -215,7 +265,8 @@ def recurrent_policy_forward(params: Mapping[str, Tensor], policy: Mapping[str, 
     actor_out, values = [], []
     for s in range(rows["env_obs"].shape[0]):
         obs = rows["env_obs"][s].reshape(rows["env_obs"].shape[1], -1)
-        features = [trunk_row(params, policy, f"trunks.{j}", obs, reset[s],
+        inputs = encoder_inputs(policy, obs, rows[LAST_ACTIONS_KEY][s] if conditions_on_last_action(policy) else None)
+        features = [trunk_row(params, policy, f"trunks.{j}", inputs, reset[s],
                               [rows[key][s, 0] for key in keys[j * parts:(j + 1) * parts]])
                     for j in range(len(trunk_roles(policy)))]
         actor_out.append(F.linear(features[0], params["actor.0.weight"], params["actor.0.bias"]))

@@ -114,8 +114,26 @@ def test_matrix_covers_recurrent_and_multi_agent_cases():
         assert (groups == groups[:, :1]).all() and groups.any()
 
 
+def test_last_action_case_is_sharp_about_the_stored_last_actions():
+    """``lstm_last_action``: the stored last actions are not the shifted actions (a runner must read
+    them), not 0 where the flags reset the state (Metta keeps them across episode ends) and every
+    action value occurs; the other cases have no ``condition_on_last_action`` field at all."""
+    cases = {c.name: c for c in map(load_case, case_paths())}
+    case = cases["lstm_last_action"]
+    assert case.conditions_on_last_action and case.policy_kind == "lstm"
+    assert case.policy_keys == (*case.state_keys, "last_actions")
+    last, actions = case.data["last_actions"], case.data["actions"]
+    reset = (case.data["dones"] + case.data["truncateds"]) > 0
+    assert reset[:, 0].any() and reset[:, 1:-1].any() and (reset[:, 1:] & reset[:, :-1]).any()
+    assert (last[reset] != 0).all()
+    assert (last[:, 1:] != actions[:, :-1]).mean() > 0.5
+    assert set(last.ravel().tolist()) == set(range(case.config["policy"]["action"]["n"]))
+    others = [json.loads(p.read_text())["policy"] for p in case_paths() if p.stem != "lstm_last_action"]
+    assert not any("condition_on_last_action" in policy for policy in others)
+
+
 def test_generation_is_deterministic(tmp_path):
-    names = ["lstm_discrete_dones_truncations", "gru_shared_backbone", "multi_agent_shared_policy"]
+    names = ["lstm_discrete_dones_truncations", "gru_shared_backbone", "multi_agent_shared_policy", "lstm_last_action"]
     first, second = generate(tmp_path / "a", names), generate(tmp_path / "b", names)
     for a, b in zip(first, second):
         for suffix in (".json", ".npz"):
@@ -147,6 +165,8 @@ BAD_FILES = {
                                 "policy.action.kind"),
     "missing expected term": (lambda p: edit_json(p, lambda d: d["expected"]["terms"].pop("clipfrac")),
                               "expected.terms.clipfrac"),
+    "last action on an mlp": (lambda p: edit_json(p, lambda d: d["policy"].update(condition_on_last_action=True)),
+                              "policy.condition_on_last_action"),
 }
 
 
@@ -173,6 +193,26 @@ RECURRENT_BAD_FILES = {
     "num_layers not matching the arrays": (_set_policy(num_layers=2), "arrays.data/actor_lstm_h"),
 }
 
+LAST_ACTION_BAD_FILES = {
+    "condition_on_last_action not a bool": (_set_policy(condition_on_last_action=1), "policy.condition_on_last_action"),
+    "missing last_actions": (lambda p: _rewrite_npz(p.with_suffix(".npz"), lambda a: a.pop("data/last_actions")),
+                             "data/last_actions"),
+    "last_actions of another length": (
+        lambda p: _rewrite_npz(p.with_suffix(".npz"),
+                               lambda a: a.update({"data/last_actions": a["data/last_actions"][:, :-1]})),
+        "data/last_actions"),
+    "last_actions as floats": (
+        lambda p: _rewrite_npz(p.with_suffix(".npz"),
+                               lambda a: a.update({"data/last_actions": a["data/last_actions"].astype(np.float32)})),
+        "data/last_actions"),
+    "last action out of range": (
+        lambda p: _rewrite_npz(p.with_suffix(".npz"), lambda a: a["data/last_actions"].__setitem__((2, 5), 3)),
+        "data/last_actions"),
+    # the encoders' weights then have more inputs than the settings say: not read as a plain LSTM case
+    "condition_on_last_action switched off": (_set_policy(condition_on_last_action=False),
+                                              "arrays.weights/trunks.0.encoder.0.weight"),
+}
+
 LAYOUT_BAD_FILES = {
     "agents not dividing the segments": (lambda p: edit_json(p, lambda d: d["layout"].update(agents=3)), "layout.agents"),
     "zero agents": (lambda p: edit_json(p, lambda d: d["layout"].update(agents=0)), "layout.agents"),
@@ -184,10 +224,11 @@ LAYOUT_BAD_FILES = {
 
 @pytest.mark.parametrize("name, damage", [*(("defaults_discrete_mlp", d) for d in BAD_FILES),
                                           *(("lstm_discrete_dones_truncations", d) for d in RECURRENT_BAD_FILES),
+                                          *(("lstm_last_action", d) for d in LAST_ACTION_BAD_FILES),
                                           *(("multi_agent_shared_policy", d) for d in LAYOUT_BAD_FILES)])
 def test_bad_case_file_names_case_and_field(case_dir, name, damage):
     path = copy_case(name, case_dir)
-    corrupt, field = {**BAD_FILES, **RECURRENT_BAD_FILES, **LAYOUT_BAD_FILES}[damage]
+    corrupt, field = {**BAD_FILES, **RECURRENT_BAD_FILES, **LAST_ACTION_BAD_FILES, **LAYOUT_BAD_FILES}[damage]
     corrupt(path)
     with pytest.raises(CaseError, match=name) as info:
         load_case(path)

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
+import torch
 
 from bridges.conformance import runners
 from bridges.conformance.cases import CASES_DIR, case_paths, load_case, quick_names
 from bridges.conformance.report import TOLERANCES, compare, run_one
 from bridges.conformance.runners import FRAMEWORKS
+from metta_core import recurrent_policy
 
 ALL = [p.stem for p in case_paths()]
 QUICK = quick_names()
 
-PENDING: dict[tuple[str, str], str] = {}
+PENDING: dict[tuple[str, str], str] = {
+    ("rllib", "lstm_last_action"): "RLlib's previous-action connector restarts per episode (bridges/rllib/README.md)",
+}
 """(framework, case) pairs whose runner reports UNSUPPORTED until the framework's support lands;
 remove a pair here when its runner's ``unsupported(case)`` stops naming the case."""
 
@@ -70,6 +75,43 @@ def test_multi_agent_rows_folded_agent_major_fail():
     case.data = {k: v[agent_major] for k, v in case.data.items()}
     result = run_one(case, "core")
     assert result.status == "FAIL" and result.diffs["terms"] > 1e-3, result.diffs
+
+
+def _ignore_last_action(x, last_actions, num_actions):
+    """``with_last_action`` of a policy that is given no last action: zeros where the one-hot goes."""
+    return torch.cat([x, x.new_zeros(*x.shape[:-1], num_actions)], dim=-1)
+
+
+def _restart_per_episode(case):
+    """Last actions as a per-episode previous-action buffer gives them: 0 at every reset."""
+    reset = (case.data["dones"] + case.data["truncateds"]) > 0
+    case.data["last_actions"] = np.where(reset, 0, case.data["last_actions"])
+
+
+def _shifted_actions(case):
+    """Last actions derived from the row's own actions (``actions[t-1]``, 0 at column 0) instead of the stored field."""
+    shifted = np.zeros_like(case.data["actions"])
+    shifted[:, 1:] = case.data["actions"][:, :-1]
+    case.data["last_actions"] = shifted
+
+
+@pytest.mark.parametrize("damage", ["ignored", "zeroed", "restarted per episode", "shifted actions"])
+def test_a_runner_that_mishandles_last_actions_fails(monkeypatch, damage):
+    """``lstm_last_action`` is sharp about the stored last actions: a policy fed no last action (zero
+    features), action 0 everywhere, 0 at every reset (RLlib's per-episode connector) or the row's
+    shifted actions gets other numbers in the one-step check and the phase."""
+    case = load_case(CASES_DIR / "lstm_last_action.json")
+    if damage == "ignored":
+        monkeypatch.setattr(recurrent_policy, "with_last_action", _ignore_last_action)
+    elif damage == "zeroed":
+        case.data["last_actions"] = np.zeros_like(case.data["last_actions"])
+    elif damage == "restarted per episode":
+        _restart_per_episode(case)
+    else:
+        _shifted_actions(case)
+    result = run_one(case, "core")
+    assert result.status == "FAIL", result.message
+    assert result.diffs["terms"] > 1e-4 and result.diffs["params_after_phase"] > 1e-4, result.diffs
 
 
 def test_expected_error_passes_only_when_raised():

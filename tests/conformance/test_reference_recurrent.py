@@ -1,7 +1,8 @@
 """The reference's recurrent forward (gate equations written out, one row and one column at a time)
 against ``metta_core``'s ``RecurrentActorCritic`` (``nn.LSTM``/``nn.GRU``, fused unroll): two
 independent implementations of SPEC §6 that must agree on random inputs, values and gradients
-(float32: the policy casts its observations to float32)."""
+(float32: the policy casts its observations to float32), also when the policy reads its last
+action (the reference's written-out one-hot against the core's ``with_last_action``)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,17 @@ from metta_core.recurrent_policy import RecurrentActorCritic
 ROWS, HORIZON, OBS_DIM, HIDDEN = 5, 7, 3, 6
 
 
-def _policy_block(cell: str, shared: bool, layers: int, action: dict) -> dict:
-    return {"architecture": "recurrent_actor_critic", "kind": cell, "obs_dim": OBS_DIM, "hidden_size": HIDDEN,
-            "num_layers": layers, "shared_core": shared, "action": action}
+def _policy_block(cell: str, shared: bool, layers: int, action: dict, last_action: bool = False) -> dict:
+    block = {"architecture": "recurrent_actor_critic", "kind": cell, "obs_dim": OBS_DIM, "hidden_size": HIDDEN,
+             "num_layers": layers, "shared_core": shared, "action": action}
+    if last_action:
+        block["condition_on_last_action"] = True
+    return block
 
 
 def _inputs(block: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random float32 rows: resets at column 0 (row 0), mid-row, in runs, every column (row 1), none (row 4)."""
+    """Random float32 rows: resets at column 0 (row 0), mid-row, in runs, every column (row 1), none (row 4);
+    random last actions (independent of the actions) when the policy conditions on them."""
     st = (ROWS, HORIZON)
     dones = (torch.rand(st, generator=gen) < 0.2).float()
     truncateds = (torch.rand(st, generator=gen) < 0.1).float()
@@ -42,6 +47,9 @@ def _inputs(block: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
             "dones": dones, "truncateds": truncateds}
     for key in reference.state_keys(block):
         rows[key] = torch.randn(*st, block["num_layers"], HIDDEN, generator=gen)
+    if reference.conditions_on_last_action(block):
+        rows["last_actions"] = (torch.randint(0, action["n"], st, generator=gen) if action["kind"] == "discrete"
+                                else torch.randn(*st, action["dim"], generator=gen))
     return rows
 
 
@@ -50,17 +58,19 @@ def _core(block: dict, params: dict[str, torch.Tensor]) -> RecurrentActorCritic:
     space = (gym.spaces.Discrete(action["n"]) if action["kind"] == "discrete"
              else gym.spaces.Box(-np.inf, np.inf, (action["dim"],), np.float32))
     policy = RecurrentActorCritic(gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32), space, hidden_size=HIDDEN,
-                                  num_layers=block["num_layers"], cell=block["kind"], shared_core=block["shared_core"])
+                                  num_layers=block["num_layers"], cell=block["kind"], shared_core=block["shared_core"],
+                                  condition_on_last_action=reference.conditions_on_last_action(block))
     policy.load_state_dict(params, strict=True)
     return policy
 
 
+@pytest.mark.parametrize("last_action", [False, True], ids=["obs", "obs+last_action"])
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("action", [{"kind": "discrete", "n": 3}, {"kind": "continuous", "dim": 2}], ids=["discrete", "box"])
 @pytest.mark.parametrize("shared", [False, True], ids=["separate", "shared"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_reference_forward_and_gradients_equal_recurrent_actor_critic(cell, shared, action, layers):
-    block = _policy_block(cell, shared, layers, action)
+def test_reference_forward_and_gradients_equal_recurrent_actor_critic(cell, shared, action, layers, last_action):
+    block = _policy_block(cell, shared, layers, action, last_action)
     gen = torch.Generator().manual_seed(7)
     params = {name: 0.5 * torch.randn(shape, generator=gen)
               for name, shape in parameter_shapes(block).items()}
@@ -84,13 +94,17 @@ def test_reference_forward_and_gradients_equal_recurrent_actor_critic(cell, shar
 
 
 def test_parameter_shapes_are_recurrent_actor_critics():
-    for cell, shared in (("lstm", False), ("gru", True)):
-        block = _policy_block(cell, shared, 2, {"kind": "continuous", "dim": 2})
+    for cell, shared, action, last_action in (("lstm", False, {"kind": "continuous", "dim": 2}, False),
+                                              ("gru", True, {"kind": "continuous", "dim": 2}, False),
+                                              ("lstm", False, {"kind": "discrete", "n": 4}, True),
+                                              ("gru", True, {"kind": "continuous", "dim": 2}, True)):
+        block = _policy_block(cell, shared, 2, action, last_action)
         policy = _core(block, {k: torch.zeros(s) for k, s in parameter_shapes(block).items()})
         assert {k: tuple(v.shape) for k, v in policy.state_dict().items()} == parameter_shapes(block)
 
 
-@pytest.mark.parametrize("name", ["lstm_discrete_dones_truncations", "lstm_continuous", "gru_shared_backbone"])
+@pytest.mark.parametrize("name", ["lstm_discrete_dones_truncations", "lstm_continuous", "gru_shared_backbone",
+                                  "lstm_last_action"])
 def test_recurrent_cases_need_the_unroll_from_column_0(name):
     """A runner that reads each column's stored state (instead of unrolling from column 0), or that
     skips the reset of the stored state at column 0, gets other numbers than the case expects."""

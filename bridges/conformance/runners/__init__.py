@@ -34,12 +34,17 @@ class BridgeUnavailable(MettaError):
     """A framework's runner cannot be imported (the framework or its bridge is missing or broken)."""
 
 
-def unsupported_features(case: Case, recurrent: bool, multi_agent: bool) -> str | None:
-    """The capability check of a runner that supports recurrent policies (``recurrent``) and the
-    multi-agent layout (``multi_agent``) or not: why it cannot run ``case`` yet, or None."""
+def unsupported_features(case: Case, recurrent: bool, multi_agent: bool, last_action: bool = False,
+                         last_action_why: str = "") -> str | None:
+    """The capability check of a runner that supports recurrent policies (``recurrent``), the
+    multi-agent layout (``multi_agent``) and policies conditioned on their last action
+    (``last_action``; ``last_action_why`` says why not) or not: why it cannot run ``case`` yet, or None."""
     reasons = []
     if case.policy_kind != "mlp" and not recurrent:
         reasons.append(f"recurrent policies (policy.kind {case.policy_kind!r}, SPEC §6)")
+    elif case.conditions_on_last_action and not last_action:
+        reasons.append("policies conditioned on their last action (policy.condition_on_last_action"
+                       + (f": {last_action_why})" if last_action_why else ")"))
     if case.agents > 1 and not multi_agent:
         reasons.append(f"the multi-agent layout (layout.agents = {case.agents}, rows env * agents + agent)")
     if not reasons:
@@ -76,10 +81,12 @@ def actor_critic(case: Case) -> ActorCritic:
 
 def recurrent_actor_critic(case: Case) -> RecurrentActorCritic:
     """``RecurrentActorCritic`` of a recurrent case (``policy.kind`` lstm/gru, ``hidden_size``,
-    ``num_layers``, ``shared_core``) with its initial weights (names must match exactly)."""
+    ``num_layers``, ``shared_core``, ``condition_on_last_action``) with its initial weights (names
+    must match exactly)."""
     pol = case.config["policy"]
     policy = RecurrentActorCritic(*spaces(case), hidden_size=pol["hidden_size"], num_layers=pol["num_layers"],
-                                  cell=pol["kind"], shared_core=pol["shared_core"])
+                                  cell=pol["kind"], shared_core=pol["shared_core"],
+                                  condition_on_last_action=case.conditions_on_last_action)
     policy.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in case.weights.items()}, strict=True)
     return policy
 

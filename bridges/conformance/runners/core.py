@@ -2,7 +2,8 @@
 
 Runs every kind of case: MLP cases through ``ActorCritic`` on the flattened rows, recurrent ones
 through ``RecurrentActorCritic`` on whole ``[rows, horizon]`` rows with their stored states (SPEC
-§6), and multi-agent cases like any other: agents are already rows (``layout.agents``, SPEC §1).
+§6) and, for a policy conditioned on its last action, the stored ``last_actions``; and
+multi-agent cases like any other: agents are already rows (``layout.agents``, SPEC §1).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def run(case: Case) -> Measurement:
     loss = PPO(policy, trainer, env, "cpu", "ppo", ppo, torch.Generator().manual_seed(case.config["sample_seed"]))
     spec = policy.get_agent_experience_spec().merge(loss.get_experience_spec())
     experience = Experience(1, trainer.batch_size, horizon, trainer.minibatch_size, trainer.max_minibatch_size, spec)
-    for name in (*DATA_FIELDS, *case.state_keys):
+    for name in (*DATA_FIELDS, *case.policy_keys):
         experience.buffer[name] = data[name]
     context = ComponentContext(policy=policy, experience=experience, optimizer=opt, config=trainer,
                                epoch=case.config["trainer_epoch"])

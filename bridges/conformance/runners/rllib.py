@@ -52,9 +52,17 @@ PREFIX = "net."
 """Prefix of the ``ActorCritic`` parameter names inside ``ActorCriticModule``."""
 
 
+LAST_ACTION_WHY = ("RLlib's PrevActionsPrevRewards connector restarts the previous action at every episode "
+                   "start, Metta's last_actions carries it across episode ends; no bridge mapping yet, "
+                   "bridges/rllib/README.md")
+"""Why the RLlib bridge does not map ``last_actions`` (its README's divergence table)."""
+
+
 def unsupported(case: Case) -> str | None:
-    """Why this runner cannot run ``case`` yet, or None (it runs recurrent and multi-agent cases)."""
-    return unsupported_features(case, recurrent=True, multi_agent=True)
+    """Why this runner cannot run ``case`` yet, or None (it runs recurrent and multi-agent cases, not
+    policies conditioned on their last action)."""
+    return unsupported_features(case, recurrent=True, multi_agent=True, last_action=False,
+                                last_action_why=LAST_ACTION_WHY)
 
 
 class ActorCriticModule(TorchRLModule, ValueFunctionAPI):

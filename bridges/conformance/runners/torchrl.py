@@ -13,7 +13,9 @@ PettingZoo or VMAS pipeline has them; the bridge folds the agents back into the 
 Recurrent cases (SPEC §6) run through ``LSTMModule`` / ``GRUModule`` networks holding the case's
 ``RecurrentActorCritic`` parameters (``bridges.torchrl.recurrent.from_recurrent_actor_critic``):
 the stored states are the case's ``data/<state key>`` entries and ``is_init[:, t]`` is the case's
-``dones[:, t] or truncateds[:, t]`` (InitTracker's flag, column 0 included).
+``dones[:, t] or truncateds[:, t]`` (InitTracker's flag, column 0 included). A policy conditioned
+on its last action reads the case's ``last_actions`` under the same key (what the bridge's
+``LastAction`` transform writes during collection).
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ FLAGS = ("terminated", "truncated", "done")
 
 
 def unsupported(case: Case) -> str | None:
-    """Why this runner cannot run ``case`` yet, or None: it runs recurrent policies and the multi-agent
-    group layout."""
-    return unsupported_features(case, recurrent=True, multi_agent=True)
+    """Why this runner cannot run ``case`` yet, or None: it runs recurrent policies (also conditioned on
+    their last action) and the multi-agent group layout."""
+    return unsupported_features(case, recurrent=True, multi_agent=True, last_action=True)
 
 
 class _NormalHead(nn.Module):
@@ -141,7 +143,7 @@ def _rows(case: Case, keys: MettaPPOLoss._AcceptedKeys, grouped: bool) -> Tensor
     truncated[:, :-1] = data["truncateds"][:, 1:].bool()
     recurrent = {}
     if case.policy_kind != "mlp":
-        recurrent = {key: data[key] for key in case.state_keys}
+        recurrent = {key: data[key] for key in case.policy_keys}
         recurrent["is_init"] = (data["dones"].bool() | data["truncateds"].bool()).unsqueeze(-1)
     return TensorDict(
         {
