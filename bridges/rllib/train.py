@@ -39,7 +39,7 @@ from bridges.rllib.settings import RLlibSettings
 from metta_core.envs import is_mettagrid
 from metta_core.errors import MettaError
 from metta_core.run import (
-    ReturnTracker, TrainArgs, checkpoint_header, drive, preflight, target_return, verify_header,
+    ReturnTracker, TrainArgs, checkpoint_header, drive, preflight, refuse_ppo_settings, target_return, verify_header,
 )
 from metta_core.runlog import REWARD_RATE_KEY, RETURN_KEY
 
@@ -162,6 +162,12 @@ def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
     """
     settings = settings or RLlibSettings()
     runners = max(1, settings.num_env_runners)
+    if args.num_envs % runners:
+        fits = sorted({max(1, args.num_envs // runners) * runners, (args.num_envs // runners + 1) * runners})
+        raise MettaError(
+            f"--num-envs {args.num_envs} with --num-env-runners {settings.num_env_runners}: every runner steps the "
+            f"same number of envs, so the run would step {max(1, args.num_envs // runners) * runners}; give a "
+            f"--num-envs that is a multiple of --num-env-runners, e.g. {' or '.join(map(str, fits))}")
     lr = [[0, args.learning_rate], [args.total_timesteps, 0.0]] if args.anneal_lr else args.learning_rate
     config = (
         config.env_runners(
@@ -195,8 +201,37 @@ def build_config(args: TrainArgs, settings: RLlibSettings | None = None):
     return _rllib_settings(metta, args, settings)
 
 
+NATIVE_UNREAD_PPO_SETTINGS = (
+    "norm_adv", "vf_clip_coef", "target_kl", "vtrace", "prioritized_experience_replay", "schedule",
+)
+"""``PPOConfig`` settings RLlib's own PPO cannot express: its GAE connector always normalizes advantages,
+``vf_clip_param`` clamps the squared error (Metta clips the value change), no early stop, ratio-free GAE,
+uniform minibatches, a loss that trains every iteration. A changed one is refused with ``--compare-native``."""
+
+
+def check_native_settings(args: TrainArgs) -> None:
+    """Refuse what ``build_native_config`` would silently not apply: MettaGrid, gradient accumulation
+    (``--max-minibatch-size`` below ``--minibatch-size``) and the ``NATIVE_UNREAD_PPO_SETTINGS``."""
+    if is_mettagrid(args.env):
+        raise MettaError(f"--compare-native with --env {args.env}: RLlib's own PPO on MettaGrid is not wired up "
+                         f"yet; drop --compare-native")
+    if args.max_minibatch_size < args.minibatch_size:
+        raise MettaError(
+            f"--max-minibatch-size {args.max_minibatch_size} < --minibatch-size {args.minibatch_size} with "
+            f"--compare-native: RLlib's own PPO has no gradient accumulation and would step every "
+            f"{args.minibatch_size} steps; drop --compare-native or use --max-minibatch-size >= --minibatch-size")
+    refuse_ppo_settings(args, NATIVE_UNREAD_PPO_SETTINGS, "RLlib's own PPO (--compare-native)",
+                        "drop --compare-native, or these --ppo settings for the comparison")
+
+
 def build_native_config(args: TrainArgs, settings: RLlibSettings | None = None):
-    """RLlib's own PPO with the same sizes, lr, network and the overlapping Metta coefficients."""
+    """RLlib's own PPO with the same sizes, lr, network and the Metta coefficients it can express.
+
+    RLlib's ``vf_loss`` is the mean squared error without Metta's 1/2, so ``vf_loss_coeff = vf_coef / 2``;
+    ``clip_vloss=False`` is ``vf_clip_param=inf`` (with it, RLlib's own default clamp of the squared
+    error stays). Settings it cannot express are refused (``check_native_settings``).
+    """
+    check_native_settings(args)
     ppo = args.ppo_config()
     native = RLlibPPOConfig().training(
         train_batch_size_per_learner=args.batch_size,
@@ -206,10 +241,12 @@ def build_native_config(args: TrainArgs, settings: RLlibSettings | None = None):
         lambda_=ppo.gae_lambda,
         clip_param=ppo.clip_coef,
         entropy_coeff=ppo.ent_coef,
-        vf_loss_coeff=ppo.vf_coef,
+        vf_loss_coeff=ppo.vf_coef / 2,
         grad_clip=ppo.max_grad_norm,
         use_kl_loss=False,
     )
+    if not ppo.clip_vloss:
+        native.training(vf_clip_param=float("inf"))
     return _rllib_settings(native, args, settings)
 
 
@@ -328,18 +365,18 @@ def train(args: TrainArgs, settings: RLlibSettings | None = None) -> dict[str, A
     its metrics in ``out_dir/native``.
     """
     preflight(args)
-    if args.compare_native and is_mettagrid(args.env):
-        raise MettaError(f"--compare-native with --env {args.env}: RLlib's own PPO on MettaGrid is not wired up "
-                         f"yet; drop --compare-native")
     if args.resume is not None:
         verify_rllib_checkpoint(Path(args.resume), args)
     settings = settings or RLlibSettings()
+    # both configs before Ray starts: a setting they refuse ends the command before any work
+    config = build_config(args, settings)
+    native_config = build_native_config(args, settings) if args.compare_native else None
     started_ray = join_ray(settings.address)
     try:
-        run = RLlibRun(build_config(args, settings), args, resume=args.resume)
+        run = RLlibRun(config, args, resume=args.resume)
         summary = drive(run, args, "rllib", checkpoint=args.save_checkpoint, resumed=args.resume is not None)
-        if args.compare_native:
-            native = RLlibRun(build_native_config(args, settings), args)
+        if native_config is not None:
+            native = RLlibRun(native_config, args)
             summary["native"] = drive(native, args, "rllib-native", out_dir=args.out_dir / "native")
     finally:
         if started_ray:
