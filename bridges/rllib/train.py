@@ -291,6 +291,7 @@ class RLlibRun:
         self.env_steps = 0
         if resume is not None:
             self.algo.restore_from_path(os.path.abspath(resume))
+            self._apply_learning_rate()
             # RLlib's lifetime step counter is restored; start from it, so the first row's
             # steps_per_second counts only the steps of that iteration
             self.env_steps = self._steps(self.algo.metrics.peek(ENV_RUNNER_RESULTS, default={}))
@@ -299,6 +300,18 @@ class RLlibRun:
             if is_mettagrid(args.env):
                 print("metta-bridges: MettaGrid simulators are not in checkpoints; the resumed run starts fresh "
                       "episodes", file=sys.stderr)
+
+    def _apply_learning_rate(self) -> None:
+        """Set this run's rate (``--learning-rate``, ``--anneal-lr`` at the restored step count) in every
+        learner's optimizer. RLlib's restore loads the checkpoint's rate into the optimizer and its lr
+        schedule only sets the configured one after the next update, so the first update after a resume
+        would use the old ``--learning-rate``; with unchanged settings this sets the rate it already has."""
+        lifetime = self.algo.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
+        results = self.algo.learner_group.foreach_learner(
+            lambda learner: learner.after_gradient_based_update(timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime})
+        )
+        for result in results:
+            result.get()  # raises a learner's error
 
     def _steps(self, runners: dict) -> int:
         """Lifetime steps sampled: agent-steps (summed over agent ids) when batches count them."""
