@@ -295,3 +295,13 @@ def test_rllib_learner_refuses_a_schedule_put_into_the_config_after_it_was_built
     config.learner_config_dict["metta"]["ppo"]["schedule"]["end_epoch"] = 2
     with pytest.raises(MettaError, match=r"PPOConfig.schedule \({'end_epoch': 2}\): MettaPPOLearner"):
         metta_settings(config)
+
+
+def test_a_schedule_cycle_is_given_as_one_value_and_dotted_halves_say_so():
+    """Each dotted ``--ppo`` override is validated alone, so the pair cycle_length / active_in_cycle
+    cannot be given as two dotted keys; the error names both and shows the one-value form."""
+    with pytest.raises(MettaError, match=r"--ppo schedule.cycle_length=2, schedule.active_in_cycle=\[2\]: cycle_length "
+                                         r"and active_in_cycle must be set together; give .* as one JSON value"):
+        validate(ppo={"schedule.cycle_length": 2, "schedule.active_in_cycle": [2]})
+    cycle = {"cycle_length": 2, "active_in_cycle": [2]}
+    assert TrainArgs(ppo={"schedule": cycle}).ppo_config().schedule.model_dump(include=set(cycle)) == cycle
