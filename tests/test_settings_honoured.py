@@ -19,7 +19,7 @@ import torch
 
 from metta_core.config import PPOConfig
 from metta_core.errors import MettaError
-from metta_core.run import CoreRun, TrainArgs, checkpoint_header, flag, preflight
+from metta_core.run import CoreRun, TrainArgs, checkpoint_header, flag, phase_learning_rate, preflight
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
 COLUMNS = ("core", "torchrl", "rllib", "torchrl native", "rllib native")
@@ -305,3 +305,21 @@ def test_a_schedule_cycle_is_given_as_one_value_and_dotted_halves_say_so():
         validate(ppo={"schedule.cycle_length": 2, "schedule.active_in_cycle": [2]})
     cycle = {"cycle_length": 2, "active_in_cycle": [2]}
     assert TrainArgs(ppo={"schedule": cycle}).ppo_config().schedule.model_dump(include=set(cycle)) == cycle
+
+
+def test_rllib_anneals_a_mettagrid_rate_over_the_agent_step_budget():
+    """RLlib's lr schedule reads env steps; a MettaGrid budget counts agent-steps, so the schedule ends at
+    total_timesteps / agents env steps and the rate after S env steps is the core's after S * agents."""
+    pytest.importorskip("mettagrid", reason="needs the mettagrid extra")
+    from bridges.rllib.mettagrid_env import MettaGridMultiAgentEnv
+    from bridges.rllib.train import build_config
+    from ray.rllib.utils.schedules.scheduler import Scheduler
+
+    args = TrainArgs(framework="rllib", env=GRID, anneal_lr=True, learning_rate=0.002, total_timesteps=64_000)
+    probe = MettaGridMultiAgentEnv({"env": GRID})
+    agents = len(probe.possible_agents)
+    probe.close()
+    assert agents > 1
+    schedule = Scheduler(build_config(args).lr)
+    env_steps = 1000
+    assert schedule.update(timestep=env_steps) == pytest.approx(phase_learning_rate(args, env_steps * agents))

@@ -123,10 +123,12 @@ def _mettagrid_settings(config, args: TrainArgs):
                          f"core's GridCNN only; use --policy mlp")
     probe = MettaGridMultiAgentEnv({"env": args.env})
     scale = probe.feature_scale.tolist()
+    agents = len(probe.possible_agents)
     probe.close()
     module = RLModuleSpec(module_class=GridCNNModule, model_config={"seed": args.seed, "feature_scale": scale})
     return (
         config.environment(MettaGridMultiAgentEnv, env_config={"env": args.env, "seed": args.seed})
+        .training(lr=learning_rate_setting(args, agents))
         .multi_agent(policies={SHARED_MODULE_ID}, policy_mapping_fn=shared_module, count_steps_by="agent_steps")
         .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs={SHARED_MODULE_ID: module}))
     )
@@ -154,12 +156,21 @@ def env_id(name: str) -> str:
     return f"{cartpole_no_velocity.__name__}:{name}" if name == cartpole_no_velocity.ENV_ID else name
 
 
-def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
-    """Settings shared by the Metta and the native run: env runners, learners, lr, network, seed.
+def learning_rate_setting(args: TrainArgs, agents_per_env: int = 1) -> float | list[list[float]]:
+    """RLlib's ``lr``: ``learning_rate``, or with ``--anneal-lr`` the piecewise-linear schedule from it at
+    step 0 to 0 at ``total_timesteps``.
 
-    ``--anneal-lr`` is RLlib's piecewise-linear ``lr`` schedule from ``learning_rate`` at step 0 to 0 at
-    ``total_timesteps`` (RLlib reads the lifetime env steps after each sample; the core before it).
-    """
+    RLlib sets the rate after each update from the lifetime env steps sampled so far, so an update uses
+    the rate at the steps before its rollout, as the core's ``phase_learning_rate``. Those are env steps,
+    while a MettaGrid budget counts agent-steps (``agents_per_env`` per env step): the schedule ends at
+    ``total_timesteps / agents_per_env`` env steps."""
+    if not args.anneal_lr:
+        return args.learning_rate
+    return [[0, args.learning_rate], [args.total_timesteps / agents_per_env, 0.0]]
+
+
+def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
+    """Settings shared by the Metta and the native run: env runners, learners, lr, network, seed."""
     settings = settings or RLlibSettings()
     runners = max(1, settings.num_env_runners)
     if args.num_envs % runners:
@@ -168,7 +179,6 @@ def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
             f"--num-envs {args.num_envs} with --num-env-runners {settings.num_env_runners}: every runner steps the "
             f"same number of envs, so the run would step {max(1, args.num_envs // runners) * runners}; give a "
             f"--num-envs that is a multiple of --num-env-runners, e.g. {' or '.join(map(str, fits))}")
-    lr = [[0, args.learning_rate], [args.total_timesteps, 0.0]] if args.anneal_lr else args.learning_rate
     config = (
         config.env_runners(
             num_env_runners=settings.num_env_runners,
@@ -177,7 +187,7 @@ def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
         )
         .fault_tolerance(restart_failed_env_runners=settings.restart_failed_env_runners)
         .learners(num_learners=settings.num_learners)
-        .training(lr=lr)
+        .training(lr=learning_rate_setting(args))
         .callbacks(EpisodeReturns)
         .debugging(seed=args.seed)
     )
