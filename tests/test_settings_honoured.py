@@ -323,3 +323,19 @@ def test_rllib_anneals_a_mettagrid_rate_over_the_agent_step_budget():
     schedule = Scheduler(build_config(args).lr)
     env_steps = 1000
     assert schedule.update(timestep=env_steps) == pytest.approx(phase_learning_rate(args, env_steps * agents))
+
+
+@pytest.mark.parametrize("learners", [0, 1, 2])
+def test_rllib_anneals_beta_over_the_runs_iterations_with_any_number_of_learners(learners):
+    """N learners train ``batch_size`` steps each per iteration: beta reaches 1 at the run's last
+    iteration, total_timesteps / (N * batch_size), as the core's does at total_timesteps / batch_size."""
+    from bridges.rllib.settings import RLlibSettings
+    from bridges.rllib.train import build_config
+    from metta_core.ppo_math import anneal_beta
+
+    args = TrainArgs(framework="rllib", batch_size=256, bptt_horizon=16, minibatch_size=128, total_timesteps=8192,
+                     ppo={"prioritized_experience_replay.prio_alpha": 1.0})
+    metta = build_config(args, RLlibSettings(num_learners=learners)).learner_config_dict["metta"]
+    iterations = args.total_timesteps // (max(1, learners) * args.batch_size)
+    assert anneal_beta(iterations, total_timesteps=metta["total_timesteps"], batch_size=args.batch_size,
+                       prio_alpha=1.0, prio_beta0=0.6) == pytest.approx(1.0)

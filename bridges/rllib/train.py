@@ -198,14 +198,19 @@ def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
 
 
 def build_config(args: TrainArgs, settings: RLlibSettings | None = None):
-    """The Metta-PPO ``PPOConfig`` for ``args`` (Metta's PPO settings plus ``args.ppo`` overrides)."""
+    """The Metta-PPO ``PPOConfig`` for ``args`` (Metta's PPO settings plus ``args.ppo`` overrides).
+
+    Each of ``num_learners`` learners trains ``batch_size`` steps per iteration, so the run has
+    ``total_timesteps / (learners * batch_size)`` iterations; a learner's ``total_timesteps`` is its
+    share, over which its ``anneal_beta`` (SPEC §4.2) reaches 1 as the run ends."""
+    learners = max(1, (settings or RLlibSettings()).num_learners)
     metta = metta_ppo_config(
         batch_size=args.batch_size,
         bptt_horizon=args.bptt_horizon,
         minibatch_size=args.minibatch_size,
         max_minibatch_size=args.max_minibatch_size,
         update_epochs=args.update_epochs,
-        total_timesteps=args.total_timesteps,
+        total_timesteps=max(1, args.total_timesteps // learners),
         **args.ppo,
     )
     return _rllib_settings(metta, args, settings)
