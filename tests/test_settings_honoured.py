@@ -167,7 +167,7 @@ REFUSALS = {
         "--ppo prioritized_experience_replay.prio_beta0=0.4: " + RLLIB_NATIVE),
     ("--ppo schedule.*", "rllib"): (
         lambda tmp: rllib_config(ppo=SCHEDULE),
-        r"PPOConfig.schedule \({'start_epoch': 1}\): MettaPPOLearner .* --framework core\|torchrl"),
+        "--ppo schedule.start_epoch=1: not read by RLlib's MettaPPOLearner .*--framework core or torchrl"),
     ("--ppo schedule.*", "torchrl native"): (lambda tmp: torchrl_run(native=True, ppo=SCHEDULE), "--ppo schedule.start_epoch=1: " + TORCHRL_NATIVE),
     ("--ppo schedule.*", "rllib native"): (lambda tmp: rllib_native(ppo=SCHEDULE), "--ppo schedule.start_epoch=1: " + RLLIB_NATIVE),
     **{(flag(name), framework): (
@@ -253,7 +253,7 @@ def test_rllib_refusals_come_before_ray_starts(tmp_path, monkeypatch):
     with pytest.raises(MettaError, match="--ppo target_kl=0.02: " + RLLIB_NATIVE):
         rllib_train.train(TrainArgs(framework="rllib", **TINY, out_dir=tmp_path, compare_native=True,
                                     ppo={"target_kl": 0.02}))
-    with pytest.raises(MettaError, match="PPOConfig.schedule"):
+    with pytest.raises(MettaError, match="--ppo schedule.start_epoch=1: not read by RLlib's MettaPPOLearner"):
         rllib_train.train(TrainArgs(framework="rllib", **TINY, out_dir=tmp_path, ppo=SCHEDULE))
 
 
@@ -339,3 +339,10 @@ def test_rllib_anneals_beta_over_the_runs_iterations_with_any_number_of_learners
     iterations = args.total_timesteps // (max(1, learners) * args.batch_size)
     assert anneal_beta(iterations, total_timesteps=metta["total_timesteps"], batch_size=args.batch_size,
                        prio_alpha=1.0, prio_beta0=0.6) == pytest.approx(1.0)
+
+
+def test_rllib_metta_ppo_config_refuses_a_schedule_for_library_users():
+    from bridges.rllib import metta_ppo_config
+
+    with pytest.raises(MettaError, match=r"PPOConfig.schedule \({'start_epoch': 1}\): MettaPPOLearner .*core\|torchrl"):
+        metta_ppo_config("CartPole-v1", **SCHEDULE)

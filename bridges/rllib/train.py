@@ -203,6 +203,8 @@ def build_config(args: TrainArgs, settings: RLlibSettings | None = None):
     Each of ``num_learners`` learners trains ``batch_size`` steps per iteration, so the run has
     ``total_timesteps / (learners * batch_size)`` iterations; a learner's ``total_timesteps`` is its
     share, over which its ``anneal_beta`` (SPEC §4.2) reaches 1 as the run ends."""
+    refuse_ppo_settings(args, ("schedule",), "RLlib's MettaPPOLearner (it trains at every iteration)",
+                        "drop it, or train with --framework core or torchrl, which honour it")
     learners = max(1, (settings or RLlibSettings()).num_learners)
     metta = metta_ppo_config(
         batch_size=args.batch_size,
