@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 import torch
 from pydantic import ValidationError
@@ -103,6 +103,13 @@ class TrainArgs:
         except ValidationError as exc:
             err = exc.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
+            if not key:  # a rule across a nested config's fields (cycle_length with active_in_cycle): each
+                # dotted override is validated alone, so such fields are given together as one value
+                given = ", ".join(f"{k}={v!r}" for k, v in self.ppo.items())
+                raise MettaError(
+                    f"--ppo {given}: {err['msg'].removeprefix('Value error, ')}; give fields that depend on each "
+                    f"other as one JSON value, e.g. --ppo 'schedule={{\"cycle_length\": 2, \"active_in_cycle\": [2]}}'"
+                ) from None
             raise MettaError(
                 f"--ppo {key}={err.get('input')!r}: {err['msg']} (PPOConfig.{key}: {_field_help(key)})"
             ) from None
@@ -136,6 +143,11 @@ class TrainArgs:
             raise MettaError(f"--policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
         if is_mettagrid(self.env):
             check_mettagrid_id(self.env, "--env")
+            if self.policy == "mlp" and self.hidden_size != _default("hidden_size"):
+                raise MettaError(
+                    f"--hidden-size {self.hidden_size} with --env {self.env}: the MettaGrid policy is the core's "
+                    f"GridCNN, whose layer widths are Metta's and fixed; drop --hidden-size (it sizes --policy lstm|gru, "
+                    f"which --framework core trains on MettaGrid)")
         else:
             check_env_id(self.env, "--env")
         self._validate_sizes()
@@ -168,6 +180,9 @@ class TrainArgs:
             raise MettaError(f"--device {self.device!r} is not a usable torch device ({reason}); use e.g. --device cpu") from None
         if self.framework == "torchrl" and device.type != "cpu":
             raise MettaError(f"--device {self.device!r}: the torchrl framework runs on CPU only; use --device cpu")
+        if self.framework == "rllib" and device.type != "cpu":
+            raise MettaError(f"--device {self.device!r}: the rllib framework places its learners itself (RLlib's "
+                             f"num_gpus_per_learner, not wired up here) and trains on CPU; use --device cpu")
 
     def settings(self) -> dict[str, Any]:
         """The settings as plain values (paths as strings), as a checkpoint records them."""
@@ -185,6 +200,11 @@ NON_NEGATIVE_SETTINGS = ("seed", "checkpoint_every")
 def flag(name: str) -> str:
     """The command-line flag of ``TrainArgs`` field ``name``: ``hidden_size`` -> ``--hidden-size``."""
     return "--" + name.replace("_", "-")
+
+
+def _default(name: str) -> Any:
+    """The default value of ``TrainArgs`` field ``name``."""
+    return TrainArgs.__dataclass_fields__[name].default
 
 
 def _require_int(args: TrainArgs, name: str, minimum: int) -> None:
@@ -462,6 +482,32 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set ``lr`` in every parameter group of ``optimizer``."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def refuse_ppo_settings(args: TrainArgs, unread: Iterable[str], reader: str, fix: str) -> None:
+    """Raise a ``MettaError`` if a ``--ppo`` setting that ``reader`` does not read differs from its default.
+
+    ``unread`` holds dotted ``PPOConfig`` paths; a nested config (``"vtrace"``) covers its fields. The
+    message names each such setting with its value, ``reader`` (which would silently train without
+    it) and ``fix``."""
+    values, defaults = _leaves(args.ppo_config().model_dump()), _leaves(PPOConfig().model_dump())
+    prefixes = tuple(unread)
+    refused = [key for key, value in values.items() if value != defaults[key]
+               and any(key == p or key.startswith(p + ".") for p in prefixes)]
+    if refused:
+        listed = ", ".join(f"{key}={values[key]!r}" for key in refused)
+        raise MettaError(f"--ppo {listed}: not read by {reader}, which would train as if it were unset; {fix}")
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"vtrace": {"rho_clip": 1.0}}`` -> ``{"vtrace.rho_clip": 1.0}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def target_return(args: TrainArgs) -> float | None:

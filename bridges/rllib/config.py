@@ -25,6 +25,8 @@ Metta field                    RLlib ``PPOConfig`` field        note
 ``vtrace.*``, ``prioritized_
 experience_replay.*``,
 ``l2_*_loss_coef``
+``schedule``                   (none)                           refused: ``MettaPPOLearner`` trains
+                                                                every iteration (no SPEC §5 schedule)
 ``batch_size``                 ``train_batch_size_per_learner`` env steps per learner and update
 ``minibatch_size``             ``minibatch_size``               env steps per minibatch
 ``update_epochs``              ``num_epochs``                   passes per update
@@ -50,7 +52,7 @@ from typing import Any
 from pydantic import ValidationError
 from ray.rllib.algorithms.ppo import PPOConfig as RLlibPPOConfig
 
-from metta_core.config import PPOConfig, TrainerConfig
+from metta_core.config import LossSchedule, PPOConfig, TrainerConfig
 from metta_core.errors import MettaError
 
 METTA_KEY = "metta"
@@ -96,6 +98,7 @@ def metta_ppo_config(env: Any = None, **metta_fields: Any) -> RLlibPPOConfig:
     trainer_kw = {**TRAINER_DEFAULTS, **{k: fields.pop(k) for k in list(fields) if k in TrainerConfig.model_fields}}
     dotted = {k: fields.pop(k) for k in list(fields) if "." in k}
     ppo = _validated("PPOConfig", lambda: PPOConfig(**fields).update(dotted))
+    _refuse_schedule(ppo)
     trainer = _validated("TrainerConfig", lambda: TrainerConfig(**trainer_kw))
     config = RLlibPPOConfig()
     if env is not None:
@@ -124,6 +127,16 @@ def metta_ppo_config(env: Any = None, **metta_fields: Any) -> RLlibPPOConfig:
         },
     )
     return config
+
+
+def _refuse_schedule(ppo: PPOConfig) -> None:
+    """``PPOConfig.schedule`` (SPEC §5) is not implemented by ``MettaPPOLearner``: refused, not ignored."""
+    if ppo.schedule != LossSchedule():
+        raise MettaError(
+            f"PPOConfig.schedule ({ppo.schedule.model_dump(exclude_defaults=True)}): MettaPPOLearner trains at every "
+            f"iteration and does not read a loss schedule; leave schedule at its default, or train with the core or "
+            f"TorchRL (metta-bridges train --framework core|torchrl), which honour it"
+        )
 
 
 def _refuse_unsupported(config) -> None:
@@ -177,6 +190,7 @@ def metta_settings(config) -> tuple[PPOConfig, TrainerConfig]:
             f"bridges.rllib.metta_ppo_config(...) so the Metta PPO settings are known"
         )
     ppo = _validated("PPOConfig", lambda: PPOConfig.model_validate(stored["ppo"]))
+    _refuse_schedule(ppo)
     _refuse_unsupported(config)
     lr = config.lr
     if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr > 0):

@@ -39,7 +39,7 @@ from bridges.rllib.settings import RLlibSettings
 from metta_core.envs import is_mettagrid
 from metta_core.errors import MettaError
 from metta_core.run import (
-    ReturnTracker, TrainArgs, checkpoint_header, drive, preflight, target_return, verify_header,
+    ReturnTracker, TrainArgs, checkpoint_header, drive, preflight, refuse_ppo_settings, target_return, verify_header,
 )
 from metta_core.runlog import REWARD_RATE_KEY, RETURN_KEY
 
@@ -123,10 +123,12 @@ def _mettagrid_settings(config, args: TrainArgs):
                          f"core's GridCNN only; use --policy mlp")
     probe = MettaGridMultiAgentEnv({"env": args.env})
     scale = probe.feature_scale.tolist()
+    agents = len(probe.possible_agents)
     probe.close()
     module = RLModuleSpec(module_class=GridCNNModule, model_config={"seed": args.seed, "feature_scale": scale})
     return (
         config.environment(MettaGridMultiAgentEnv, env_config={"env": args.env, "seed": args.seed})
+        .training(lr=learning_rate_setting(args, agents))
         .multi_agent(policies={SHARED_MODULE_ID}, policy_mapping_fn=shared_module, count_steps_by="agent_steps")
         .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs={SHARED_MODULE_ID: module}))
     )
@@ -154,15 +156,29 @@ def env_id(name: str) -> str:
     return f"{cartpole_no_velocity.__name__}:{name}" if name == cartpole_no_velocity.ENV_ID else name
 
 
-def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
-    """Settings shared by the Metta and the native run: env runners, learners, lr, network, seed.
+def learning_rate_setting(args: TrainArgs, agents_per_env: int = 1) -> float | list[list[float]]:
+    """RLlib's ``lr``: ``learning_rate``, or with ``--anneal-lr`` the piecewise-linear schedule from it at
+    step 0 to 0 at ``total_timesteps``.
 
-    ``--anneal-lr`` is RLlib's piecewise-linear ``lr`` schedule from ``learning_rate`` at step 0 to 0 at
-    ``total_timesteps`` (RLlib reads the lifetime env steps after each sample; the core before it).
-    """
+    RLlib sets the rate after each update from the lifetime env steps sampled so far, so an update uses
+    the rate at the steps before its rollout, as the core's ``phase_learning_rate``. Those are env steps,
+    while a MettaGrid budget counts agent-steps (``agents_per_env`` per env step): the schedule ends at
+    ``total_timesteps / agents_per_env`` env steps."""
+    if not args.anneal_lr:
+        return args.learning_rate
+    return [[0, args.learning_rate], [args.total_timesteps / agents_per_env, 0.0]]
+
+
+def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
+    """Settings shared by the Metta and the native run: env runners, learners, lr, network, seed."""
     settings = settings or RLlibSettings()
     runners = max(1, settings.num_env_runners)
-    lr = [[0, args.learning_rate], [args.total_timesteps, 0.0]] if args.anneal_lr else args.learning_rate
+    if args.num_envs % runners:
+        fits = sorted({max(1, args.num_envs // runners) * runners, (args.num_envs // runners + 1) * runners})
+        raise MettaError(
+            f"--num-envs {args.num_envs} with --num-env-runners {settings.num_env_runners}: every runner steps the "
+            f"same number of envs, so the run would step {max(1, args.num_envs // runners) * runners}; give a "
+            f"--num-envs that is a multiple of --num-env-runners, e.g. {' or '.join(map(str, fits))}")
     config = (
         config.env_runners(
             num_env_runners=settings.num_env_runners,
@@ -171,7 +187,7 @@ def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
         )
         .fault_tolerance(restart_failed_env_runners=settings.restart_failed_env_runners)
         .learners(num_learners=settings.num_learners)
-        .training(lr=lr)
+        .training(lr=learning_rate_setting(args))
         .callbacks(EpisodeReturns)
         .debugging(seed=args.seed)
     )
@@ -182,21 +198,57 @@ def _rllib_settings(config, args: TrainArgs, settings: RLlibSettings | None):
 
 
 def build_config(args: TrainArgs, settings: RLlibSettings | None = None):
-    """The Metta-PPO ``PPOConfig`` for ``args`` (Metta's PPO settings plus ``args.ppo`` overrides)."""
+    """The Metta-PPO ``PPOConfig`` for ``args`` (Metta's PPO settings plus ``args.ppo`` overrides).
+
+    Each of ``num_learners`` learners trains ``batch_size`` steps per iteration, so the run has
+    ``total_timesteps / (learners * batch_size)`` iterations; a learner's ``total_timesteps`` is its
+    share, over which its ``anneal_beta`` (SPEC §4.2) reaches 1 as the run ends."""
+    refuse_ppo_settings(args, ("schedule",), "RLlib's MettaPPOLearner (it trains at every iteration)",
+                        "drop it, or train with --framework core or torchrl, which honour it")
+    learners = max(1, (settings or RLlibSettings()).num_learners)
     metta = metta_ppo_config(
         batch_size=args.batch_size,
         bptt_horizon=args.bptt_horizon,
         minibatch_size=args.minibatch_size,
         max_minibatch_size=args.max_minibatch_size,
         update_epochs=args.update_epochs,
-        total_timesteps=args.total_timesteps,
+        total_timesteps=max(1, args.total_timesteps // learners),
         **args.ppo,
     )
     return _rllib_settings(metta, args, settings)
 
 
+NATIVE_UNREAD_PPO_SETTINGS = (
+    "norm_adv", "vf_clip_coef", "target_kl", "vtrace", "prioritized_experience_replay", "schedule",
+)
+"""``PPOConfig`` settings RLlib's own PPO cannot express: its GAE connector always normalizes advantages,
+``vf_clip_param`` clamps the squared error (Metta clips the value change), no early stop, ratio-free GAE,
+uniform minibatches, a loss that trains every iteration. A changed one is refused with ``--compare-native``."""
+
+
+def check_native_settings(args: TrainArgs) -> None:
+    """Refuse what ``build_native_config`` would silently not apply: MettaGrid, gradient accumulation
+    (``--max-minibatch-size`` below ``--minibatch-size``) and the ``NATIVE_UNREAD_PPO_SETTINGS``."""
+    if is_mettagrid(args.env):
+        raise MettaError(f"--compare-native with --env {args.env}: RLlib's own PPO on MettaGrid is not wired up "
+                         f"yet; drop --compare-native")
+    if args.max_minibatch_size < args.minibatch_size:
+        raise MettaError(
+            f"--max-minibatch-size {args.max_minibatch_size} < --minibatch-size {args.minibatch_size} with "
+            f"--compare-native: RLlib's own PPO has no gradient accumulation and would step every "
+            f"{args.minibatch_size} steps; drop --compare-native or use --max-minibatch-size >= --minibatch-size")
+    refuse_ppo_settings(args, NATIVE_UNREAD_PPO_SETTINGS, "RLlib's own PPO (--compare-native)",
+                        "drop --compare-native, or these --ppo settings for the comparison")
+
+
 def build_native_config(args: TrainArgs, settings: RLlibSettings | None = None):
-    """RLlib's own PPO with the same sizes, lr, network and the overlapping Metta coefficients."""
+    """RLlib's own PPO with the same sizes, lr, network and the Metta coefficients it can express.
+
+    RLlib's ``vf_loss`` is the mean squared error without Metta's 1/2, so ``vf_loss_coeff = vf_coef / 2``;
+    ``clip_vloss=False`` is ``vf_clip_param=inf`` (with it, RLlib's own default clamp of the squared
+    error stays). Settings it cannot express are refused (``check_native_settings``).
+    """
+    check_native_settings(args)
     ppo = args.ppo_config()
     native = RLlibPPOConfig().training(
         train_batch_size_per_learner=args.batch_size,
@@ -206,10 +258,12 @@ def build_native_config(args: TrainArgs, settings: RLlibSettings | None = None):
         lambda_=ppo.gae_lambda,
         clip_param=ppo.clip_coef,
         entropy_coeff=ppo.ent_coef,
-        vf_loss_coeff=ppo.vf_coef,
+        vf_loss_coeff=ppo.vf_coef / 2,
         grad_clip=ppo.max_grad_norm,
         use_kl_loss=False,
     )
+    if not ppo.clip_vloss:
+        native.training(vf_clip_param=float("inf"))
     return _rllib_settings(native, args, settings)
 
 
@@ -254,6 +308,7 @@ class RLlibRun:
         self.env_steps = 0
         if resume is not None:
             self.algo.restore_from_path(os.path.abspath(resume))
+            self._apply_learning_rate()
             # RLlib's lifetime step counter is restored; start from it, so the first row's
             # steps_per_second counts only the steps of that iteration
             self.env_steps = self._steps(self.algo.metrics.peek(ENV_RUNNER_RESULTS, default={}))
@@ -262,6 +317,18 @@ class RLlibRun:
             if is_mettagrid(args.env):
                 print("metta-bridges: MettaGrid simulators are not in checkpoints; the resumed run starts fresh "
                       "episodes", file=sys.stderr)
+
+    def _apply_learning_rate(self) -> None:
+        """Set this run's rate (``--learning-rate``, ``--anneal-lr`` at the restored step count) in every
+        learner's optimizer. RLlib's restore loads the checkpoint's rate into the optimizer and its lr
+        schedule only sets the configured one after the next update, so the first update after a resume
+        would use the old ``--learning-rate``; with unchanged settings this sets the rate it already has."""
+        lifetime = self.algo.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
+        results = self.algo.learner_group.foreach_learner(
+            lambda learner: learner.after_gradient_based_update(timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime})
+        )
+        for result in results:
+            result.get()  # raises a learner's error
 
     def _steps(self, runners: dict) -> int:
         """Lifetime steps sampled: agent-steps (summed over agent ids) when batches count them."""
@@ -328,18 +395,18 @@ def train(args: TrainArgs, settings: RLlibSettings | None = None) -> dict[str, A
     its metrics in ``out_dir/native``.
     """
     preflight(args)
-    if args.compare_native and is_mettagrid(args.env):
-        raise MettaError(f"--compare-native with --env {args.env}: RLlib's own PPO on MettaGrid is not wired up "
-                         f"yet; drop --compare-native")
     if args.resume is not None:
         verify_rllib_checkpoint(Path(args.resume), args)
     settings = settings or RLlibSettings()
+    # both configs before Ray starts: a setting they refuse ends the command before any work
+    config = build_config(args, settings)
+    native_config = build_native_config(args, settings) if args.compare_native else None
     started_ray = join_ray(settings.address)
     try:
-        run = RLlibRun(build_config(args, settings), args, resume=args.resume)
+        run = RLlibRun(config, args, resume=args.resume)
         summary = drive(run, args, "rllib", checkpoint=args.save_checkpoint, resumed=args.resume is not None)
-        if args.compare_native:
-            native = RLlibRun(build_native_config(args, settings), args)
+        if native_config is not None:
+            native = RLlibRun(native_config, args)
             summary["native"] = drive(native, args, "rllib-native", out_dir=args.out_dir / "native")
     finally:
         if started_ray:

@@ -7,6 +7,9 @@ minibatches, ``MettaPPOLoss``, Adam with Metta's settings and ``clip_grad_norm_(
 With ``compare_native`` the same pipeline then also trains TorchRL's ``ClipPPOLoss`` + ``GAE``
 (summary under ``"native"``, metrics in ``out_dir/native``). ``--anneal-lr`` sets the rate of each
 training phase as the core run does (``metta_core.run.phase_learning_rate``), for both losses.
+``--ppo schedule.*``: an epoch outside the loss's schedule runs no training phase (the core's zero loss
+updates nothing). Settings ``ClipPPOLoss`` cannot express are refused with ``compare_native``
+(``check_native_settings``) before the Metta run starts.
 
 ``--policy lstm|gru``: the core's ``RecurrentActorCritic`` (built from the run seed, as the core run
 builds it) as ``LSTMModule`` / ``GRUModule`` actor and critic holding its parameters, ``InitTracker``
@@ -52,7 +55,8 @@ from metta_core.phase import PhaseSizes, PhaseStats, clip_and_step, run_phase
 from metta_core.policy import mlp
 from metta_core.run import (
     ReturnTracker, TrainArgs, announce_untrusted_resume, build_policy, check_shapes, drive, make_checkpoint,
-    phase_learning_rate, preflight, read_checkpoint, save_checkpoint, set_learning_rate, target_return,
+    phase_learning_rate, preflight, read_checkpoint, refuse_ppo_settings, save_checkpoint, set_learning_rate,
+    target_return,
 )
 from metta_core.runlog import REWARD_RATE_KEY, RETURN_KEY
 
@@ -116,6 +120,21 @@ def make_recurrent_actor_critic(
     return actor, critic
 
 
+NATIVE_UNREAD_PPO_SETTINGS = ("target_kl", "vtrace", "prioritized_experience_replay", "schedule")
+"""``PPOConfig`` settings ``ClipPPOLoss`` + ``GAE`` cannot express (no early stop, ratio-free GAE, uniform
+flat minibatches, a loss that trains every epoch): a changed one is refused with ``--compare-native``."""
+
+
+def check_native_settings(args: TrainArgs) -> None:
+    """Refuse what the native comparison cannot train: MettaGrid, and ``--ppo`` settings ``native_clip_ppo``
+    would silently not apply."""
+    if is_mettagrid(args.env):
+        raise MettaError(f"--compare-native is not available for --env {args.env} (TorchRL's GAE would run the "
+                         f"critic on ('next', 'hidden')); train without --compare-native")
+    refuse_ppo_settings(args, NATIVE_UNREAD_PPO_SETTINGS, "TorchRL's ClipPPOLoss + GAE (--compare-native)",
+                        "drop --compare-native, or these --ppo settings for the comparison")
+
+
 def native_clip_ppo(actor: ProbabilisticActor, critic: ValueOperator, args: TrainArgs,
                     functional: bool = True) -> ClipPPOLoss:
     """TorchRL's own ``ClipPPOLoss`` + ``GAE`` with Metta's coefficients where they mean the same.
@@ -161,9 +180,8 @@ class TorchRLRun:
         if args.device != "cpu":
             raise MettaError(f"bridges.torchrl.train runs on CPU only, got device={args.device!r}; use --device cpu")
         self.mettagrid = is_mettagrid(args.env)
-        if self.mettagrid and native:
-            raise MettaError(f"--compare-native is not available for --env {args.env} (TorchRL's GAE would run the "
-                             f"critic on ('next', 'hidden')); train without --compare-native")
+        if native:
+            check_native_settings(args)
         torch.manual_seed(args.seed)
         if self.mettagrid:
             if args.policy != "mlp":
@@ -246,6 +264,8 @@ class TorchRLRun:
         }
 
     def _train_metta(self, data: TensorDictBase) -> dict[str, float]:
+        if not self.ppo_cfg.schedule.is_active(self.epoch):
+            return {}  # SPEC §5: outside its schedule the loss trains nothing (the core's zero loss: no update)
         if self.mettagrid:  # entries the loss does not read, which every minibatch would otherwise copy
             data = data.exclude(*UNREAD_GRID_ENTRIES)
         rows = data.reshape(-1, self.args.bptt_horizon)  # each env's steps cut into consecutive rows
@@ -346,6 +366,8 @@ class TorchRLRun:
 def train(args: TrainArgs) -> dict[str, Any]:
     """Train with Metta's PPO in TorchRL, then (``compare_native``) with TorchRL's ClipPPOLoss; returns a summary."""
     preflight(args)
+    if args.compare_native:
+        check_native_settings(args)  # before the Metta run, not after it
     run = TorchRLRun(args)
     if args.resume is not None:
         run.load(args.resume)
