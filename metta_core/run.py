@@ -262,9 +262,10 @@ def _check_env_spaces(args: TrainArgs) -> None:
         raise MettaError(f"--env {args.env!r} cannot be made ({exc})") from None
     obs_space, act_space = env.observation_space, env.action_space
     env.close()
-    if not isinstance(obs_space, gym.spaces.Box):
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         raise MettaError(f"--env {args.env!r} has observation space {obs_space}; the policies need a Box "
-                         f"(flat vector) observation: wrap the env (e.g. FlattenObservation over a one-hot) or pick another")
+                         f"(flat vector) observation, shape (features,): wrap the env (e.g. gymnasium's "
+                         f"FlattenObservation) or pick another")
     allowed = (gym.spaces.Discrete,) if args.framework == "torchrl" else (gym.spaces.Discrete, gym.spaces.Box)
     if not isinstance(act_space, allowed):
         kinds = " or ".join(t.__name__ for t in allowed)

@@ -61,8 +61,13 @@ class MettaPPOPhase:
         self.epochs_trained = 0
 
     def __call__(self, batch: TensorDictBase, *, epoch: int) -> dict[str, float]:
-        """One phase on ``batch`` at trainer ``epoch`` (it sets the annealed ``beta``)."""
+        """One phase on ``batch`` at trainer ``epoch`` (it sets the annealed ``beta``). An ``epoch``
+        outside ``loss.config.schedule`` trains nothing, as the core's loss does there (SPEC §5): no
+        optimizer step, no sampler draw, empty stats."""
         loss, sampler = self.loss, self.sampler
+        if not loss.config.schedule.is_active(epoch):
+            self.epochs_trained = 0
+            return {}
         sizes = sampler.start_phase(batch, epoch=epoch)
         sizes = dataclasses.replace(sizes, accumulate_minibatches=self.accumulate_minibatches)
         target_kl = loss.config.target_kl

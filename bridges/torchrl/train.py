@@ -7,8 +7,8 @@ minibatches, ``MettaPPOLoss``, Adam with Metta's settings and ``clip_grad_norm_(
 With ``compare_native`` the same pipeline then also trains TorchRL's ``ClipPPOLoss`` + ``GAE``
 (summary under ``"native"``, metrics in ``out_dir/native``). ``--anneal-lr`` sets the rate of each
 training phase as the core run does (``metta_core.run.phase_learning_rate``), for both losses.
-``--ppo schedule.*``: an epoch outside the loss's schedule runs no training phase (the core's zero loss
-updates nothing). Settings ``ClipPPOLoss`` cannot express are refused with ``compare_native``
+``--ppo schedule.*``: an epoch outside the loss's schedule runs no training phase (``MettaPPOPhase``;
+the core's zero loss updates nothing). Settings ``ClipPPOLoss`` cannot express are refused with ``compare_native``
 (``check_native_settings``) before the Metta run starts.
 
 ``--policy lstm|gru``: the core's ``RecurrentActorCritic`` (built from the run seed, as the core run
@@ -264,8 +264,6 @@ class TorchRLRun:
         }
 
     def _train_metta(self, data: TensorDictBase) -> dict[str, float]:
-        if not self.ppo_cfg.schedule.is_active(self.epoch):
-            return {}  # SPEC §5: outside its schedule the loss trains nothing (the core's zero loss: no update)
         if self.mettagrid:  # entries the loss does not read, which every minibatch would otherwise copy
             data = data.exclude(*UNREAD_GRID_ENTRIES)
         rows = data.reshape(-1, self.args.bptt_horizon)  # each env's steps cut into consecutive rows

@@ -80,3 +80,22 @@ def test_cartpole_return_rises_well_above_random(tmp_path, capsys):
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["episode_return_mean"] > 100, summary
+
+
+def test_non_flat_box_observations_are_refused_by_name(tmp_path):
+    import gymnasium as gym
+
+    from metta_core.errors import MettaError
+    from metta_core.run import preflight
+
+    class GridObs(gym.Env):
+        observation_space = gym.spaces.Box(0, 1, (3, 4))
+        action_space = gym.spaces.Discrete(2)
+
+    gym.register("MettaTestGridObs-v0", entry_point=lambda: GridObs())
+    try:
+        for framework in ("core", "torchrl", "rllib"):
+            with pytest.raises(MettaError, match=r"MettaTestGridObs-v0.*shape \(features,\).*FlattenObservation"):
+                preflight(TrainArgs(framework=framework, env="MettaTestGridObs-v0", out_dir=tmp_path, progress=False))
+    finally:
+        gym.registry.pop("MettaTestGridObs-v0")

@@ -61,3 +61,17 @@ def test_phase_refuses_a_sampler_of_another_loss():
     with pytest.raises(MettaError, match="accumulate_minibatches must be a positive int"):
         MettaPPOPhase(loss, optimizer, MettaSegmentSampler(loss, minibatch_segments=MB, total_timesteps=100),
                       accumulate_minibatches=0)
+
+
+def test_phase_outside_the_loss_schedule_trains_nothing():
+    """A user calling MettaPPOPhase directly gets the schedule too (the CLI run once checked it itself)."""
+    cfg = PPOConfig().update({"schedule.start_epoch": 2})
+    loss, optimizer, sampler, batch = build(cfg)
+    phase = MettaPPOPhase(loss, optimizer, sampler)
+    before = [p.detach().clone() for p in loss.parameters()]
+    generator = sampler.generator.get_state()
+    assert phase(batch, epoch=1) == {} and phase.epochs_trained == 0
+    assert all(torch.equal(a, b) for a, b in zip(loss.parameters(), before))
+    assert torch.equal(sampler.generator.get_state(), generator)
+    assert phase(batch, epoch=2) and phase.epochs_trained == EPOCHS
+    assert not all(torch.equal(a, b) for a, b in zip(loss.parameters(), before))
