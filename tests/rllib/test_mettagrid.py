@@ -250,8 +250,8 @@ def test_streams_of_different_env_runners_differ():
     from ray.rllib.env.env_context import EnvContext
 
     streams = [MettaGridMultiAgentEnv(EnvContext({"config": arena_config(SHORT)}, worker_index=w))._stream
-               for w in (1, 2)]
-    assert [s[0] for s in streams] == [1, 2]
+               for w in (1, 2, None)]
+    assert [s[0] for s in streams] == [1, 2, 0]  # None: an env runner built by hand, as the local one (0)
 
 
 def test_env_steps_counting_with_several_agents_is_refused(steps):
