@@ -299,13 +299,14 @@ def write_chunks(chunks: list[Chunk], slots: list[np.ndarray], total: int, *, wi
             out[ROLLOUT_VALUE_SLOTS][steps] = True
         if last >= 0:
             out[Columns.OBS][last] = chunk.obs[length]
-            out[Columns.REWARDS][last] = chunk.rewards[-1]
+            out[Columns.REWARDS][last] = chunk.rewards[-1] if length else 0.0
             out[Columns.TERMINATEDS][last] = float(chunk.episode.is_terminated)
     return out
 
 
 def pack_chunks(episodes: list, horizon: int) -> dict[str, np.ndarray] | None:
-    """Lay episode chunks end to end into rows of ``horizon`` (see module docstring); ``None`` if empty.
+    """Lay episode chunks end to end into rows of ``horizon`` (see module docstring); ``None`` if no chunk
+    has a step (chunks without steps are left out, as by the other packers).
 
     Terminated chunks first, in order; each truncated chunk is preceded by the padding that puts its
     last slot in a row's last column; masked padding closes the last row. A chunk of ``L`` steps
@@ -314,6 +315,7 @@ def pack_chunks(episodes: list, horizon: int) -> dict[str, np.ndarray] | None:
     ``dones[s+L] = terminated`` (``write_chunks``); every other slot is zero (mask False). With rollout
     values in every chunk, also ``Columns.VF_PREDS`` and ``ROLLOUT_VALUE_SLOTS`` on its slots ``s..s+L-1``.
     """
+    episodes = [episode for episode in episodes if len(episode)]  # a chunk without steps has nothing to train
     ordered = [e for e in episodes if e.is_terminated] + [e for e in episodes if not e.is_terminated]
     if not ordered:
         return None
