@@ -256,6 +256,20 @@ def _episode_arrays(episode) -> Chunk:
     return Chunk(episode, obs, actions, rewards, logp, values)
 
 
+def _zeros(shape: tuple, dtype) -> np.ndarray:
+    """``np.zeros(shape, dtype)`` allocated by torch (the batch becomes torch tensors without a copy).
+
+    numpy asks the kernel for transparent huge pages on large arrays (``madvise``); with Linux's
+    default ``defrag=madvise`` the first write then waits for memory compaction: 0.1-0.3 CPU s for a
+    40 MB observation column on the 2-core benchmark machine, against 0.02 s with torch's allocation.
+    """
+    try:
+        torch_dtype = torch.from_numpy(np.zeros(0, dtype)).dtype
+    except (TypeError, ValueError):  # a dtype torch does not have (or a non-native byte order)
+        return np.zeros(shape, dtype)
+    return torch.zeros(shape, dtype=torch_dtype).numpy()
+
+
 ROLLOUT_VALUE_SLOTS = "_metta_rollout_values"
 """Key (in the packers' output only) of the bool per slot: ``Columns.VF_PREDS`` holds the rollout's value
 of that step (``finish`` computes the values of the other slots)."""
@@ -272,20 +286,20 @@ def write_chunks(chunks: list[Chunk], slots: list[np.ndarray], total: int, *, wi
     0 share a slot (a stream), the slot keeps the first chunk's reward and done and the next chunk's
     observation and step. Every other slot is zero (mask False). With ``with_values`` (every chunk has
     ``values``), ``Columns.VF_PREDS`` holds the rollout values and ``ROLLOUT_VALUE_SLOTS`` marks them.
-    The columns are allocated once and written in place (RLlib batches hold hundreds of chunks).
+    The columns are allocated once (``_zeros``) and written in place (RLlib batches hold hundreds of chunks).
     """
     first = chunks[0]
     out = {
-        Columns.OBS: np.zeros((total, *first.obs.shape[1:]), np.result_type(*(c.obs for c in chunks))),
-        Columns.ACTIONS: np.zeros((total, *first.actions.shape[1:]), np.result_type(*(c.actions for c in chunks))),
-        Columns.ACTION_LOGP: np.zeros(total, np.float32),
-        Columns.REWARDS: np.zeros(total, np.float32),
-        Columns.TERMINATEDS: np.zeros(total, np.float32),
-        Columns.LOSS_MASK: np.zeros(total, bool),
+        Columns.OBS: _zeros((total, *first.obs.shape[1:]), np.result_type(*(c.obs for c in chunks))),
+        Columns.ACTIONS: _zeros((total, *first.actions.shape[1:]), np.result_type(*(c.actions for c in chunks))),
+        Columns.ACTION_LOGP: _zeros((total,), np.float32),
+        Columns.REWARDS: _zeros((total,), np.float32),
+        Columns.TERMINATEDS: _zeros((total,), np.float32),
+        Columns.LOSS_MASK: _zeros((total,), bool),
     }
     if with_values:
-        out[Columns.VF_PREDS] = np.zeros(total, np.float32)
-        out[ROLLOUT_VALUE_SLOTS] = np.zeros(total, bool)
+        out[Columns.VF_PREDS] = _zeros((total,), np.float32)
+        out[ROLLOUT_VALUE_SLOTS] = _zeros((total,), bool)
     for chunk, at in zip(chunks, slots):
         length = len(chunk.actions)
         steps, last = at[:length], int(at[length])

@@ -17,7 +17,7 @@ import pytest
 from ray.rllib.core.columns import Columns
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
-from bridges.rllib.layout import ROLLOUT_VALUE_SLOTS, STEP_KEY, STREAM_KEY, pack_chunks, pack_streams
+from bridges.rllib.layout import ROLLOUT_VALUE_SLOTS, STEP_KEY, STREAM_KEY, _zeros, pack_chunks, pack_streams
 
 HORIZON = 6
 OBS_SHAPE = (2, 3)
@@ -186,3 +186,12 @@ def test_without_rollout_values_in_every_chunk_no_value_column(pack, make):
     plain = [without_values(episode) for episode in chunks]
     for case in (plain, chunks[:-1] + plain[-1:]):
         assert_same_bytes(pack(case, HORIZON), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64, np.float32, bool, np.longdouble, np.dtype(">f4")])
+def test_columns_are_zeros_of_the_dtype_with_or_without_a_torch_dtype(dtype):
+    """``_zeros`` allocates through torch where torch has the dtype, else falls back to numpy."""
+    column = _zeros((3, 2), dtype)
+    assert column.dtype == np.dtype(dtype) and column.shape == (3, 2) and not column.any()
+    column[1, 1] = 1  # writable
+    assert column.sum() == 1
