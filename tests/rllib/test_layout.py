@@ -185,3 +185,10 @@ def test_a_chunk_without_rollout_values_means_a_value_pass_over_all_slots(learne
     got, full = (run_connector(learner, make_config(), eps) for eps in (mixed, plain))
     assert calls == [len(full[Columns.OBS])] * 2
     assert set(got) == set(full) and all(torch.equal(got[c], full[c]) for c in full)
+
+
+def test_rollout_values_not_one_per_step_are_refused(learner):
+    ep = episode(5, False, 7)
+    wide = with_rollout_values(ep, np.zeros((5, 2)))  # e.g. a sampling forward returning [batch, 2] values
+    with pytest.raises(MettaError, match=r"'vf_preds' of shape \(5, 2\) for length 5; expected one value per step"):
+        run_connector(learner, make_config(), [wide])
