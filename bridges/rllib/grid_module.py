@@ -5,8 +5,11 @@ The module holds a ``metta_core.cnn_policy.GridCNN`` as ``net``, built in ``setu
 initial weights are those of the core run with the same seed (``CoreRun`` seeds torch, then
 builds the policy). ``model_config["feature_scale"]`` is the grid's per-channel normalization
 (``MettaGridMultiAgentEnv.feature_scale``). The trunk runs once per forward: its output is
-``Columns.EMBEDDINGS`` of the training forward, which ``compute_values`` reuses (the sampling
-forward returns only the logits, so episodes do not store the embeddings).
+``Columns.EMBEDDINGS`` of the training forward, which ``compute_values`` reuses. The sampling
+forward returns the logits and the values ``Columns.VF_PREDS`` (the critic head on the same trunk
+output, nearly free): RLlib's env runner stores them with every step in the episodes'
+``extra_model_outputs``, and ``MettaLayoutConnector`` takes them as the buffer's values, as Metta
+stores the rollout's values, instead of a value pass over the whole batch.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ class GridCNNModule(TorchRLModule, ValueFunctionAPI):
         return self.net.trunk(batch[Columns.OBS] * self.net.inv_scale)
 
     def _forward(self, batch, **kwargs):
-        return {Columns.ACTION_DIST_INPUTS: self.net.actor(self._embed(batch))}
+        hidden = self._embed(batch)
+        return {Columns.ACTION_DIST_INPUTS: self.net.actor(hidden), Columns.VF_PREDS: self.compute_values(batch, hidden)}
 
     def _forward_train(self, batch, **kwargs):
         hidden = self._embed(batch)

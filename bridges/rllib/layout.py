@@ -43,14 +43,18 @@ chunk's first), and cut into rows in the core's order; see ``pack_streams``. Oth
 laid out one by one as above (feed-forward modules; stateful modules always use ``pack_chunks_stateful``).
 
 ``Columns.ADVANTAGES`` holds the first-pass advantages ``A0`` (``compute_advantage`` with ratio 1,
-zero on masked slots); ``Columns.VF_PREDS`` the values of the module before the update.
+zero on masked slots); ``Columns.VF_PREDS`` the values before the update: for a feed-forward module
+whose sampling forward returns ``Columns.VF_PREDS`` (``GridCNNModule``), the rollout's values as
+Metta's buffer stores them (RLlib keeps them in each step's ``extra_model_outputs``) and a value pass
+over the slots that are not rollout steps only (a truncated chunk's ``o_L``, padding); otherwise a
+value pass over the whole batch (``MettaLayoutConnector.finish``).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -195,9 +199,26 @@ def check_module_inputs(batch: Mapping[str, torch.Tensor], module, *, where: str
             )
 
 
-def _episode_arrays(episode) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One episode chunk of ``L`` steps as numpy ``(observations [L+1], actions [L], rewards [L],
-    action log-probs [L])``; raises if a column is missing or has the wrong length."""
+class Chunk(NamedTuple):
+    """One episode chunk of ``L`` steps as numpy arrays (RLlib's index convention: ``rewards[t]`` follows ``a_t``)."""
+
+    episode: Any
+    obs: np.ndarray
+    """``o_0 .. o_L``, ``[L + 1, ...]``."""
+    actions: np.ndarray
+    """``a_0 .. a_{L-1}``, ``[L, ...]``."""
+    rewards: np.ndarray
+    """``r_0 .. r_{L-1}``, float32 ``[L]``, finite."""
+    logp: np.ndarray
+    """Sampling log-probabilities of ``a_t``, float32 ``[L]``."""
+    values: np.ndarray | None
+    """Rollout values ``V(o_t)`` (``Columns.VF_PREDS`` of the sampling forward), float32 ``[L]``; ``None``
+    if the episode does not carry them."""
+
+
+def _episode_arrays(episode) -> Chunk:
+    """One episode chunk of ``L`` steps as a ``Chunk``; raises if a column is missing, has the wrong
+    length, or a reward is not finite."""
     length = len(episode)
     obs = np.asarray(episode.get_observations())
     actions = np.asarray(episode.get_actions())
@@ -216,72 +237,111 @@ def _episode_arrays(episode) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
             f"actions and {logp.shape[0]} {Columns.ACTION_LOGP!r} for length {length}; expected {length + 1}, "
             f"{length}, {length}"
         )
-    return obs, actions, rewards, logp
-
-
-def _check_finite_rewards(episode, rewards: np.ndarray) -> None:
     if not np.isfinite(rewards).all():
         raise MettaError(
             f"MettaLayoutConnector: column {Columns.REWARDS!r} of episode {episode.id_!r} has non-finite "
             f"value(s) (NaN or inf) at steps {np.flatnonzero(~np.isfinite(rewards)).tolist()[:10]}; "
             f"fix the environment or wrap it to emit finite rewards"
         )
+    values = None
+    if Columns.VF_PREDS in episode.extra_model_outputs:
+        values = np.asarray(episode.get_extra_model_outputs(Columns.VF_PREDS), dtype=np.float32)
+        if values.size != length:
+            raise MettaError(
+                f"MettaLayoutConnector: episode {episode.id_!r} has {Columns.VF_PREDS!r} of shape {values.shape} "
+                f"for length {length}; expected one value per step (the sampling forward's {Columns.VF_PREDS!r} "
+                f"of shape [batch], as ValueFunctionAPI.compute_values returns)"
+            )
+        values = values.reshape(length)
+    return Chunk(episode, obs, actions, rewards, logp, values)
+
+
+def _zeros(shape: tuple, dtype) -> np.ndarray:
+    """``np.zeros(shape, dtype)`` allocated by torch (the batch becomes torch tensors without a copy).
+
+    numpy asks the kernel for transparent huge pages on large arrays (``madvise``); with Linux's
+    default ``defrag=madvise`` the first write then waits for memory compaction: 0.1-0.3 CPU s for a
+    40 MB observation column on the 2-core benchmark machine, against 0.02 s with torch's allocation.
+    """
+    try:
+        torch_dtype = torch.from_numpy(np.zeros(0, dtype)).dtype
+    except (TypeError, ValueError):  # a dtype torch does not have (or a non-native byte order)
+        return np.zeros(shape, dtype)
+    return torch.zeros(shape, dtype=torch_dtype).numpy()
+
+
+ROLLOUT_VALUE_SLOTS = "_metta_rollout_values"
+"""Key (in the packers' output only) of the bool per slot: ``Columns.VF_PREDS`` holds the rollout's value
+of that step (``finish`` computes the values of the other slots)."""
+
+
+def write_chunks(chunks: list[Chunk], slots: list[np.ndarray], total: int, *, with_values: bool) -> dict[str, np.ndarray]:
+    """The columns of ``total`` slots, chunk ``i``'s position ``p`` at slot ``slots[i][p]`` (the one writer of
+    the packers).
+
+    ``slots[i]`` has ``L + 1`` entries: position ``p < L`` is step ``p`` (``o_p``, ``a_p``, its log-prob,
+    its rollout value, mask True, and for ``p > 0`` the reward ``r_{p-1}`` that led into ``o_p``);
+    position ``L`` receives ``o_L``, ``r_{L-1}`` and ``done = terminated``, or nothing if ``slots[i][L]``
+    is -1. Chunks are written in order, so where a chunk's position ``L`` and the next chunk's position
+    0 share a slot (a stream), the slot keeps the first chunk's reward and done and the next chunk's
+    observation and step. Every other slot is zero (mask False). With ``with_values`` (every chunk has
+    ``values``), ``Columns.VF_PREDS`` holds the rollout values and ``ROLLOUT_VALUE_SLOTS`` marks them.
+    The columns are allocated once (``_zeros``) and written in place (RLlib batches hold hundreds of chunks).
+    """
+    first = chunks[0]
+    out = {
+        Columns.OBS: _zeros((total, *first.obs.shape[1:]), np.result_type(*(c.obs for c in chunks))),
+        Columns.ACTIONS: _zeros((total, *first.actions.shape[1:]), np.result_type(*(c.actions for c in chunks))),
+        Columns.ACTION_LOGP: _zeros((total,), np.float32),
+        Columns.REWARDS: _zeros((total,), np.float32),
+        Columns.TERMINATEDS: _zeros((total,), np.float32),
+        Columns.LOSS_MASK: _zeros((total,), bool),
+    }
+    if with_values:
+        out[Columns.VF_PREDS] = _zeros((total,), np.float32)
+        out[ROLLOUT_VALUE_SLOTS] = _zeros((total,), bool)
+    for chunk, at in zip(chunks, slots):
+        length = len(chunk.actions)
+        steps, last = at[:length], int(at[length])
+        out[Columns.OBS][steps] = chunk.obs[:length]
+        out[Columns.ACTIONS][steps] = chunk.actions
+        out[Columns.ACTION_LOGP][steps] = chunk.logp
+        out[Columns.LOSS_MASK][steps] = True
+        out[Columns.REWARDS][steps[1:]] = chunk.rewards[:-1]
+        if with_values:
+            out[Columns.VF_PREDS][steps] = chunk.values
+            out[ROLLOUT_VALUE_SLOTS][steps] = True
+        if last >= 0:
+            out[Columns.OBS][last] = chunk.obs[length]
+            out[Columns.REWARDS][last] = chunk.rewards[-1] if length else 0.0
+            out[Columns.TERMINATEDS][last] = float(chunk.episode.is_terminated)
+    return out
 
 
 def pack_chunks(episodes: list, horizon: int) -> dict[str, np.ndarray] | None:
-    """Lay episode chunks end to end into rows of ``horizon`` (see module docstring); ``None`` if empty.
+    """Lay episode chunks end to end into rows of ``horizon`` (see module docstring); ``None`` if no chunk
+    has a step (chunks without steps are left out, as by the other packers).
 
     Terminated chunks first, in order; each truncated chunk is preceded by the padding that puts its
     last slot in a row's last column; masked padding closes the last row. A chunk of ``L`` steps
     starting at slot ``s`` fills ``obs[s:s+L+1]``, ``actions``, ``action_logp`` and the mask
     ``[s:s+L]``, ``rewards[s+1:s+L+1]`` (``metta.rewards[t+1] = rllib.rewards[t]``) and
-    ``dones[s+L] = terminated``; every other slot is zero (mask False). The columns are allocated
-    once and filled in place (no per-chunk arrays), since RLlib batches hold hundreds of chunks.
+    ``dones[s+L] = terminated`` (``write_chunks``); every other slot is zero (mask False). With rollout
+    values in every chunk, also ``Columns.VF_PREDS`` and ``ROLLOUT_VALUE_SLOTS`` on its slots ``s..s+L-1``.
     """
+    episodes = [episode for episode in episodes if len(episode)]  # a chunk without steps has nothing to train
     ordered = [e for e in episodes if e.is_terminated] + [e for e in episodes if not e.is_terminated]
     if not ordered:
         return None
     chunks = [_episode_arrays(episode) for episode in ordered]
-    starts, end = [], 0
-    for episode, (obs, *_) in zip(ordered, chunks):
-        if not episode.is_terminated:
-            end += -(end + len(obs)) % horizon
-        starts.append(end)
-        end += len(obs)
-    return pack_chunks_at(ordered, chunks, starts, -(-end // horizon) * horizon)
-
-
-def pack_chunks_at(episodes: list, chunks: list, starts: list[int], total: int) -> dict[str, np.ndarray]:
-    """The columns of ``total`` slots with chunk ``i`` (``_episode_arrays`` of ``episodes[i]``) at slot
-    ``starts[i]``: ``obs[s:s+L+1]``, ``actions``, ``action_logp`` and the mask ``[s:s+L]``,
-    ``rewards[s+1:s+L+1]``, ``dones[s+L] = terminated``; every other slot zero (mask False)."""
-
-    def zeros(i: int) -> np.ndarray:
-        parts = [chunk[i] for chunk in chunks]
-        return np.zeros((total, *parts[0].shape[1:]), dtype=np.result_type(*parts))
-
-    obs_col, actions_col, rewards_col, logp_col = (zeros(i) for i in range(4))
-    dones_col = np.zeros(total, dtype=np.float32)
-    mask_col = np.zeros(total, dtype=bool)
-    for s, episode, (obs, actions, rewards, logp) in zip(starts, episodes, chunks):
-        length = len(actions)
-        obs_col[s : s + length + 1] = obs
-        actions_col[s : s + length] = actions
-        logp_col[s : s + length] = logp
-        rewards_col[s + 1 : s + length + 1] = rewards
-        dones_col[s + length] = float(episode.is_terminated)
-        mask_col[s : s + length] = True
-    if not np.isfinite(rewards_col).all():
-        for episode, (_, _, rewards, _) in zip(episodes, chunks):
-            _check_finite_rewards(episode, rewards)
-    return {
-        Columns.OBS: obs_col,
-        Columns.ACTIONS: actions_col,
-        Columns.ACTION_LOGP: logp_col,
-        Columns.REWARDS: rewards_col,
-        Columns.TERMINATEDS: dones_col,
-        Columns.LOSS_MASK: mask_col,
-    }
+    slots, end = [], 0
+    for chunk in chunks:
+        if not chunk.episode.is_terminated:
+            end += -(end + len(chunk.obs)) % horizon
+        slots.append(np.arange(end, end + len(chunk.obs)))
+        end += len(chunk.obs)
+    with_values = all(chunk.values is not None for chunk in chunks)
+    return write_chunks(chunks, slots, -(-end // horizon) * horizon, with_values=with_values)
 
 
 def _stored_input_states(episode, module, zero_at_start: bool) -> Any:
@@ -319,7 +379,7 @@ def pack_chunks_stateful(episodes: list, horizon: int, module, zero_at_start: bo
     Columns of ``pack_chunks`` plus ``Columns.STATE_IN`` (a tree of ``[slots, ...]`` float32 arrays)
     and ``STATE_RESETS``; ``BOOTSTRAP_SLOTS`` lists the slot ``L`` of each truncated chunk that is
     followed by its masked terminal slot (``finish`` writes ``V(o_L)`` into that slot's reward).
-    The chunks are first laid end to end (``pack_chunks_at``), then cut into rows: at ``0, h, 2h``
+    The chunks are first laid end to end (``write_chunks``), then cut into rows: at ``0, h, 2h``
     of each chunk, except that when its ``L`` steps fill whole rows (``L % h == 0``), the last row
     would hold only masked slots (``o_L``, its terminal slot): it then covers the chunk's last ``h``
     slots instead, starting from the stored state there, and the slots it shares with the row
@@ -331,12 +391,13 @@ def pack_chunks_stateful(episodes: list, horizon: int, module, zero_at_start: bo
     chunks = [_episode_arrays(episode) for episode in episodes]
     states = [_stored_input_states(episode, module, zero_at_start) for episode in episodes]
     starts, sizes, end = [], [], 0
-    for episode, (obs, *_) in zip(episodes, chunks):
+    for episode, chunk in zip(episodes, chunks):
         starts.append(end)
-        sizes.append(len(obs) + (not episode.is_terminated and len(obs) % horizon != 0))
+        sizes.append(len(chunk.obs) + (not episode.is_terminated and len(chunk.obs) % horizon != 0))
         end += sizes[-1]
     bootstraps = [s + len(e) for s, size, e in zip(starts, sizes, episodes) if size == len(e) + 2]
-    stream = pack_chunks_at(episodes, chunks, starts, end + 1)  # slot ``end``: padding
+    slots = [np.arange(s, s + len(chunk.obs)) for s, chunk in zip(starts, chunks)]
+    stream = write_chunks(chunks, slots, end + 1, with_values=False)  # slot ``end``: padding
     stream[STATE_RESETS] = np.zeros(end + 1, dtype=bool)
     stream[Columns.STATE_IN] = tree.map_structure(lambda s: np.zeros((end + 1, *s.shape[1:]), np.float32), states[0])
     for s, episode, state in zip(starts, episodes, states):
@@ -393,51 +454,42 @@ def _agent_order(agent_id: Any) -> tuple:
     return (0, int(index), "") if index.isdigit() else (1, 0, text)
 
 
-def _stream_runs(chunks: list) -> list[list]:
-    """One agent's chunks ``(first step, episode, arrays)`` in step order, cut where a chunk does not
-    start at the step where the previous one ended (a chunk this learner did not receive)."""
-    runs: list[list] = []
-    for chunk in sorted(chunks, key=lambda c: c[0]):
-        first, episode, _ = chunk
+def _stream_runs(chunks: list[tuple[int, Chunk]]) -> list[list[tuple[int, Chunk]]]:
+    """One agent's chunks ``(first step, chunk)`` in step order, cut where a chunk does not start at the
+    step where the previous one ended (a chunk this learner did not receive)."""
+    runs: list[list[tuple[int, Chunk]]] = []
+    for first, chunk in sorted(chunks, key=lambda c: c[0]):
         if runs:
-            prev_first, prev_episode, _ = runs[-1][-1]
-            prev_end = prev_first + len(prev_episode)
+            prev_first, prev = runs[-1][-1]
+            prev_end = prev_first + len(prev.actions)
             if first < prev_end:
                 raise MettaError(
-                    f"MettaLayoutConnector: agent {episode.agent_id!r} has overlapping chunks (steps "
-                    f"{prev_first}..{prev_end} and {first}..{first + len(episode)} of one stream); each step "
+                    f"MettaLayoutConnector: agent {chunk.episode.agent_id!r} has overlapping chunks (steps "
+                    f"{prev_first}..{prev_end} and {first}..{first + len(chunk.actions)} of one stream); each step "
                     f"must reach the learner once"
                 )
             if first == prev_end:
-                runs[-1].append(chunk)
+                runs[-1].append((first, chunk))
                 continue
-        runs.append([chunk])
+        runs.append([(first, chunk)])
     return runs
 
 
-def _run_columns(run: list) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """An agent's contiguous chunks as one stream of ``M`` steps (Metta's same-step layout: a chunk's
-    last observation is dropped, the next chunk's first observation takes its reward and done), and
-    the final ``(observation, reward, done)`` after the last step."""
-    arrays = [arrays for _, _, arrays in run]
-    steps = {
-        Columns.OBS: np.concatenate([obs[:-1] for obs, *_ in arrays]),
-        Columns.ACTIONS: np.concatenate([actions for _, actions, _, _ in arrays]),
-        Columns.ACTION_LOGP: np.concatenate([logp for *_, logp in arrays]),
-    }
-    total = len(steps[Columns.ACTIONS])
-    rewards = np.zeros(total + 1, np.float32)
-    dones = np.zeros(total + 1, np.float32)
-    end = 0
-    for (_, episode, (_, _, chunk_rewards, _)) in run:
-        if not np.isfinite(chunk_rewards).all():
-            _check_finite_rewards(episode, chunk_rewards)
-        rewards[end + 1 : end + 1 + len(chunk_rewards)] = chunk_rewards
-        end += len(chunk_rewards)
-        dones[end] = float(episode.is_terminated)
-    steps[Columns.REWARDS], steps[Columns.TERMINATEDS] = rewards[:total], dones[:total]
-    final = {Columns.OBS: arrays[-1][0][-1], Columns.REWARDS: rewards[total], Columns.TERMINATEDS: dones[total]}
-    return steps, final
+def _run_slots(length: int, rows: list[int], tail_row: int | None, horizon: int) -> np.ndarray:
+    """Slot of each position ``q = 0 .. M`` of a run of ``M = length`` steps (``q = M``: the final observation).
+
+    Steps ``q < len(rows) * horizon`` fill the full rows ``rows`` in order; the last ``m`` steps (if any) sit
+    right-aligned in row ``tail_row`` before its last column, which takes the final observation as a masked
+    bootstrap slot. Without a tail the final observation has no slot (-1): it would be past a row's end.
+    """
+    full = len(rows) * horizon
+    q = np.arange(full)
+    at = np.full(length + 1, -1, dtype=np.int64)
+    at[:full] = np.asarray(rows, dtype=np.int64)[q // horizon] * horizon + q % horizon
+    if tail_row is not None:
+        end = (tail_row + 1) * horizon  # the final observation lands in slot end - 1
+        at[full:] = np.arange(end - 1 - (length - full), end)
+    return at
 
 
 def pack_streams(episodes: list, horizon: int) -> dict[str, np.ndarray] | None:
@@ -448,12 +500,16 @@ def pack_streams(episodes: list, horizon: int) -> dict[str, np.ndarray] | None:
     form Metta's stream: ``o_t, a_t`` in slot ``t``, the reward and terminal flag that led into
     ``o_t`` in slot ``t`` (0 in a stream's first slot, which is never read), episodes back to back
     with the next episode's first observation in the slot after the last action (same-step
-    autoreset, as ``MettaGridEnvironment`` hands it to the core). The stream is cut into rows of
-    ``horizon`` (no bootstrap past a row, SPEC §1-2); with equal stream lengths, row ``b * agents + i``
-    is block ``b`` of the ``i``-th stream (sorted by stream, then ``agent_<n>`` by ``n``): the rows the
-    core's ``Experience`` fills from ``agents`` rows. A stream's last ``m < horizon`` steps go in a row
-    of their own, right-aligned after masked padding, followed by the final observation as a masked
-    bootstrap slot (``pack_chunks``' truncated-chunk rule); such tails come after all full rows.
+    autoreset, as ``MettaGridEnvironment`` hands it to the core; a chunk's own last observation is
+    not kept there). The stream is cut into rows of ``horizon`` (no bootstrap past a row, SPEC §1-2):
+    an agent's ``j``-th full row (counted over its runs of consecutive chunks) is in block ``j``, and
+    the rows are block by block, within a block by stream, then ``agent_<n>`` by ``n``; with equal
+    stream lengths, row ``b * agents + i`` is block ``b`` of the ``i``-th stream: the rows the core's
+    ``Experience`` fills from ``agents`` rows. A run's last ``m < horizon`` steps go in a row of their
+    own, right-aligned after masked padding, followed by the final observation as a masked bootstrap
+    slot (``pack_chunks``' truncated-chunk rule); such tails come after all full rows. Each chunk is
+    written once into the preallocated columns (``write_chunks``), with the rollout values when every
+    chunk has them.
     """
     streams: dict[tuple, list] = defaultdict(list)
     for episode in episodes:
@@ -463,47 +519,34 @@ def pack_streams(episodes: list, horizon: int) -> dict[str, np.ndarray] | None:
         if position is None:
             return None
         stream, first = position
-        streams[(stream, episode.agent_id)].append((first, episode, _episode_arrays(episode)))
+        streams[(stream, episode.agent_id)].append((first, _episode_arrays(episode)))
     if not streams:
         return None
-    blocks: list[list[dict[str, np.ndarray]]] = []
-    tails: list[tuple[dict, dict]] = []
-    for key in sorted(streams, key=lambda k: (k[0], _agent_order(k[1]))):
-        rows = []
-        for run in _stream_runs(streams[key]):
-            steps, final = _run_columns(run)
-            full = len(steps[Columns.ACTIONS]) // horizon * horizon
-            rows += [{c: v[s : s + horizon] for c, v in steps.items()} for s in range(0, full, horizon)]
-            if full < len(steps[Columns.ACTIONS]):
-                tails.append(({c: v[full:] for c, v in steps.items()}, final))
-        for b, row in enumerate(rows):
-            if b == len(blocks):
-                blocks.append([])
-            blocks[b].append(row)
-    ordered = [row for block in blocks for row in block]
-    total = (len(ordered) + len(tails)) * horizon
-    sample = next(iter(streams.values()))[0][2]
-    out = {
-        Columns.OBS: np.zeros((total, *sample[0].shape[1:]), sample[0].dtype),
-        Columns.ACTIONS: np.zeros((total, *sample[1].shape[1:]), sample[1].dtype),
-        Columns.ACTION_LOGP: np.zeros(total, np.float32),
-        Columns.REWARDS: np.zeros(total, np.float32),
-        Columns.TERMINATEDS: np.zeros(total, np.float32),
-        Columns.LOSS_MASK: np.zeros(total, bool),
-    }
-    for r, row in enumerate(ordered):
-        for c, v in row.items():
-            out[c][r * horizon : (r + 1) * horizon] = v
-        out[Columns.LOSS_MASK][r * horizon : (r + 1) * horizon] = True
-    for k, (steps, final) in enumerate(tails):
-        end = (len(ordered) + k + 1) * horizon  # the bootstrap slot is the row's last column
-        start = end - 1 - len(steps[Columns.ACTIONS])
-        for c, v in steps.items():
-            out[c][start : end - 1] = v
-        out[Columns.LOSS_MASK][start : end - 1] = True
-        for c, v in final.items():
-            out[c][end - 1] = v
-    return out
+    agents = [_stream_runs(streams[key]) for key in sorted(streams, key=lambda k: (k[0], _agent_order(k[1])))]
+    lengths = [[sum(len(chunk.actions) for _, chunk in run) for run in runs] for runs in agents]
+    full_rows = [sum(m // horizon for m in runs) for runs in lengths]
+    row_of: dict[tuple[int, int], int] = {}  # (agent, its j-th full row) -> row
+    for j in range(max(full_rows)):
+        for k, n in enumerate(full_rows):
+            if n > j:
+                row_of[k, j] = len(row_of)
+    tail_row = len(row_of)
+    chunks, slots = [], []
+    for k, (runs, run_lengths) in enumerate(zip(agents, lengths)):
+        j = 0
+        for run, length in zip(runs, run_lengths):
+            rows = [row_of[k, j + i] for i in range(length // horizon)]
+            j += len(rows)
+            has_tail = length % horizon != 0
+            at = _run_slots(length, rows, tail_row if has_tail else None, horizon)
+            tail_row += has_tail
+            offset = 0
+            for _, chunk in run:
+                chunks.append(chunk)
+                slots.append(at[offset : offset + len(chunk.obs)])
+                offset += len(chunk.actions)
+    with_values = all(chunk.values is not None for chunk in chunks)
+    return write_chunks(chunks, slots, tail_row * horizon, with_values=with_values)
 
 
 def empty_slots(module, num_slots: int) -> dict[str, np.ndarray]:
@@ -597,25 +640,44 @@ class MettaLayoutConnector(ConnectorV2):
     def finish(self, module, columns: Mapping[str, Any]) -> dict[str, Any]:
         """Slots -> tensors on the module's device, plus ``VF_PREDS`` (no grad) and ``A0``.
 
-        A stateful module's values come from its rows (``bridges.rllib.recurrent.row_batch``: each
-        row from its column 0's stored state, SPEC §6); a truncated chunk's masked terminal slot
-        then gets ``V(o_L)`` as its reward (module docstring).
+        Which values: with ``ROLLOUT_VALUE_SLOTS`` (a feed-forward module whose sampling forward
+        returned ``Columns.VF_PREDS`` for every packed chunk), the rollout's own values on those slots,
+        as Metta's buffer stores them (the values of the weights that sampled: with synchronous
+        sampling the weights before this update, equal to a value pass up to float noise), and a
+        value pass over the other slots only (a truncated chunk's bootstrap ``V(o_L)``, padding).
+        Otherwise (RLlib's default modules, modules without ``VF_PREDS`` in their sampling forward, a
+        chunk without them) one value pass over every slot. A stateful module's values always come
+        from its rows (``bridges.rllib.recurrent.row_batch``: each row from its column 0's stored
+        state, SPEC §6); a truncated chunk's masked terminal slot then gets ``V(o_L)`` as its reward
+        (module docstring).
         """
         columns = dict(columns)
         bootstraps = columns.pop(BOOTSTRAP_SLOTS, np.zeros(0, dtype=np.int64))
+        rollout_values = columns.pop(ROLLOUT_VALUE_SLOTS, None)
+        if rollout_values is None:
+            columns.pop(Columns.VF_PREDS, None)
         device = next(module.parameters()).device
         out = {c: tree.map_structure(lambda v: torch.as_tensor(v, device=device), v) for c, v in columns.items()}
-        values = torch.zeros(0, device=device)
-        if len(out[Columns.OBS]):
-            with torch.no_grad():
-                if module.is_stateful():
-                    rows = row_batch(module, out, self.horizon, where="MettaLayoutConnector")
-                    values = module.compute_values(rows)
-                else:
-                    values = module.compute_values({Columns.OBS: out[Columns.OBS]})
-        out[Columns.VF_PREDS] = values.reshape(-1).to(torch.float32)
+        if rollout_values is None or module.is_stateful():
+            out[Columns.VF_PREDS] = self._value_pass(module, out)
+        else:
+            missing = torch.as_tensor(np.flatnonzero(~rollout_values), device=device)
+            if len(missing):
+                out[Columns.VF_PREDS][missing] = self._value_pass(module, out, missing)
         if len(bootstraps):
             slots = torch.as_tensor(bootstraps, device=device)
             out[Columns.REWARDS][slots + 1] = out[Columns.VF_PREDS][slots]
         out[Columns.ADVANTAGES] = first_pass_advantage(out, self.horizon, self.ppo)
         return out
+
+    def _value_pass(self, module, out: Mapping[str, Any], slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 values (no grad) of the given slots, or of all (a stateful module runs whole rows)."""
+        if not len(out[Columns.OBS]):
+            return torch.zeros(0, device=out[Columns.OBS].device)
+        with torch.no_grad():
+            if module.is_stateful():
+                values = module.compute_values(row_batch(module, out, self.horizon, where="MettaLayoutConnector"))
+            else:
+                obs = out[Columns.OBS]
+                values = module.compute_values({Columns.OBS: obs if slots is None else obs[slots]})
+        return values.reshape(-1).to(torch.float32)

@@ -65,7 +65,8 @@ class MettaGridMultiAgentEnv(MultiAgentEnv):
 
     def __init__(self, env_config: dict | None = None) -> None:
         super().__init__()
-        worker = int(getattr(env_config, "worker_index", 0))  # an EnvContext from RLlib; before the dict copy
+        # an EnvContext from RLlib (worker_index None for an env runner built without one); before the dict copy
+        worker = int(getattr(env_config, "worker_index", None) or 0)
         env_config = dict(env_config or {})
         unknown = sorted(set(env_config) - {"env", "config", "obs", "seed"})
         if unknown:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
+from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
 from bridges.rllib import MettaLayoutConnector, check_metta_batch
 from metta_core.errors import MettaError
@@ -112,3 +113,82 @@ def test_non_finite_episode_reward_names_the_column(learner, bad):
     ep = episode(4, False, 6, bad_reward_at=(2, bad))
     with pytest.raises(MettaError, match=r"'rewards'.*non-finite.*\[2\]"):
         run_connector(learner, make_config(), [ep])
+
+
+def with_rollout_values(ep, values):
+    """``ep`` with ``Columns.VF_PREDS`` per step, as RLlib's env runner stores a sampling forward's values."""
+    return SingleAgentEpisode(
+        observations=list(ep.get_observations()), actions=list(ep.get_actions()), rewards=list(ep.get_rewards()),
+        extra_model_outputs={Columns.ACTION_LOGP: list(ep.get_extra_model_outputs(Columns.ACTION_LOGP)),
+                             Columns.VF_PREDS: list(np.asarray(values, np.float32))},
+        terminated=ep.is_terminated, len_lookback_buffer=0,
+    ).to_numpy()
+
+
+def spy_value_pass(module, monkeypatch) -> list[int]:
+    """Record the number of slots of each ``compute_values`` call of ``module``."""
+    calls, inner = [], module.compute_values
+    monkeypatch.setattr(module, "compute_values", lambda batch, embeddings=None: calls.append(len(batch[Columns.OBS]))
+                        or inner(batch, embeddings))
+    return calls
+
+
+def test_rollout_values_are_used_and_the_other_slots_get_a_value_pass(learner, monkeypatch):
+    """Episodes with ``VF_PREDS`` (a sampling forward that returns values): those values on the step
+    slots, byte for byte; one value pass over the other slots only (``o_L``, padding), whose values
+    (the bootstrap ``V(o_L)`` of a truncated chunk among them) are those of the full value pass."""
+    module = learner.module[DEFAULT_MODULE_ID].unwrapped()
+    plain = [episode(length, terminated, seed) for seed, (length, terminated) in enumerate(EPISODES)]
+    rng = np.random.default_rng(0)
+    rolled = [with_rollout_values(ep, rng.normal(size=len(ep))) for ep in plain]  # not the module's values
+    calls = spy_value_pass(module, monkeypatch)
+    got = run_connector(learner, make_config(), rolled)
+    steps = int(got[Columns.LOSS_MASK].sum())
+    assert calls == [len(got[Columns.OBS]) - steps]
+    calls.clear()
+    full = run_connector(learner, make_config(), plain)
+    assert calls == [len(full[Columns.OBS])]
+    for ep_rolled, ep in zip(rolled, plain):
+        start = locate(got, ep_rolled)
+        assert start == locate(full, ep)
+        length = len(ep)
+        assert torch.equal(got[Columns.VF_PREDS][start : start + length],
+                           torch.as_tensor(ep_rolled.get_extra_model_outputs(Columns.VF_PREDS)))
+        with torch.no_grad():
+            bootstrap = module.compute_values({Columns.OBS: torch.as_tensor(ep.get_observations()[-1:])})
+        for batch in (got, full):  # V(o_L) in both paths
+            torch.testing.assert_close(batch[Columns.VF_PREDS][start + length], bootstrap[0], atol=1e-6, rtol=0)
+    other = ~got[Columns.LOSS_MASK]
+    torch.testing.assert_close(got[Columns.VF_PREDS][other], full[Columns.VF_PREDS][other], atol=1e-6, rtol=0)
+    for column in (Columns.OBS, Columns.ACTIONS, Columns.REWARDS, Columns.TERMINATEDS, Columns.LOSS_MASK):
+        assert torch.equal(got[column], full[column]), column
+
+
+def test_rollout_values_of_the_same_weights_give_the_value_pass_numbers(learner):
+    module = learner.module[DEFAULT_MODULE_ID].unwrapped()
+    plain = [episode(length, terminated, seed) for seed, (length, terminated) in enumerate(EPISODES)]
+    rolled = []
+    for ep in plain:  # values of the same weights, computed per episode (other batch sizes than the value pass)
+        with torch.no_grad():
+            rolled.append(with_rollout_values(ep, module.compute_values({Columns.OBS: torch.as_tensor(ep.get_observations()[:-1])})))
+    got, full = (run_connector(learner, make_config(), eps) for eps in (rolled, plain))
+    torch.testing.assert_close(got[Columns.VF_PREDS], full[Columns.VF_PREDS], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[Columns.ADVANTAGES], full[Columns.ADVANTAGES], atol=1e-5, rtol=0)
+
+
+def test_a_chunk_without_rollout_values_means_a_value_pass_over_all_slots(learner, monkeypatch):
+    """Mixed episodes (one without ``VF_PREDS``): exactly the batch of episodes without any."""
+    module = learner.module[DEFAULT_MODULE_ID].unwrapped()
+    plain = [episode(length, terminated, seed) for seed, (length, terminated) in enumerate(EPISODES)]
+    mixed = [with_rollout_values(ep, np.ones(len(ep))) for ep in plain[:-1]] + plain[-1:]
+    calls = spy_value_pass(module, monkeypatch)
+    got, full = (run_connector(learner, make_config(), eps) for eps in (mixed, plain))
+    assert calls == [len(full[Columns.OBS])] * 2
+    assert set(got) == set(full) and all(torch.equal(got[c], full[c]) for c in full)
+
+
+def test_rollout_values_not_one_per_step_are_refused(learner):
+    ep = episode(5, False, 7)
+    wide = with_rollout_values(ep, np.zeros((5, 2)))  # e.g. a sampling forward returning [batch, 2] values
+    with pytest.raises(MettaError, match=r"'vf_preds' of shape \(5, 2\) for length 5; expected one value per step"):
+        run_connector(learner, make_config(), [wide])

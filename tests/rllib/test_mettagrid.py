@@ -250,8 +250,8 @@ def test_streams_of_different_env_runners_differ():
     from ray.rllib.env.env_context import EnvContext
 
     streams = [MettaGridMultiAgentEnv(EnvContext({"config": arena_config(SHORT)}, worker_index=w))._stream
-               for w in (1, 2)]
-    assert [s[0] for s in streams] == [1, 2]
+               for w in (1, 2, None)]
+    assert [s[0] for s in streams] == [1, 2, 0]  # None: an env runner built by hand, as the local one (0)
 
 
 def test_env_steps_counting_with_several_agents_is_refused(steps):
@@ -317,3 +317,36 @@ def test_a_recurrent_policy_with_mettagrid_is_refused():
 
     with pytest.raises(MettaError, match=r"--policy lstm with --env mettagrid:arena-8: .*GridCNN only; use --policy mlp"):
         build_config(TrainArgs(framework="rllib", env="mettagrid:arena-8", policy="lstm"))
+
+
+def test_env_runner_stores_the_rollout_values_and_the_connector_uses_them(monkeypatch):
+    """RLlib's MultiAgentEnvRunner keeps ``GridCNNModule``'s sampling ``VF_PREDS`` in the episodes; the
+    connector takes them on every step slot (one value pass over the tails' bootstrap and padding slots
+    only) and they equal the value pass of the same weights (atol 1e-6)."""
+    from ray.rllib.env.multi_agent_env_runner import MultiAgentEnvRunner
+
+    steps = STEPS - 4  # per agent: 5 full rows and a tail of 4 steps with its bootstrap slot
+    config = module_config().environment(MettaGridMultiAgentEnv, env_config={"config": arena_config(SHORT), "seed": 5})
+    runner = MultiAgentEnvRunner(config=config.env_runners(num_env_runners=0, num_envs_per_env_runner=ENVS),
+                                 worker_index=0)
+    learner = build_learner(config)
+    runner.module.set_state(learner.module.get_state())
+    episodes = runner.sample(num_timesteps=ENVS * AGENTS * steps, random_actions=False)
+    runner.stop()
+    chunks = [sa for ep in episodes for sa in ep.agent_episodes.values()]
+    assert all(Columns.VF_PREDS in chunk.extra_model_outputs for chunk in chunks)
+    module = learner.module[SHARED_MODULE_ID].unwrapped()
+    calls, inner = [], module.compute_values
+    monkeypatch.setattr(module, "compute_values", lambda batch, embeddings=None: calls.append(len(batch[Columns.OBS]))
+                        or inner(batch, embeddings))
+    connector = MettaLayoutConnector.from_config(learner.config)
+    got = connector(rl_module=learner.module, batch={}, episodes=episodes)[SHARED_MODULE_ID]
+    packed = pack_streams(chunks, HORIZON)
+    mask = got[Columns.LOSS_MASK]
+    assert int(mask.sum()) == ENVS * AGENTS * steps and calls == [len(mask) - int(mask.sum())]
+    assert torch.equal(got[Columns.VF_PREDS][mask], torch.as_tensor(packed[Columns.VF_PREDS])[mask])
+    tails = mask.reshape(-1, HORIZON)[-ENVS * AGENTS:]
+    assert (tails.sum(axis=1) == 4).all() and not tails[:, -1].any()  # bootstrap slots in the last column
+    with torch.no_grad():
+        values = inner({Columns.OBS: got[Columns.OBS]})
+    torch.testing.assert_close(got[Columns.VF_PREDS], values, atol=1e-6, rtol=0)
