@@ -127,7 +127,10 @@ def _mettagrid_settings(config, args: TrainArgs):
     probe.close()
     module = RLModuleSpec(module_class=GridCNNModule, model_config={"seed": args.seed, "feature_scale": scale})
     return (
-        config.environment(MettaGridMultiAgentEnv, env_config={"env": args.env, "seed": args.seed})
+        # normalize_actions=False: MettaGrid's actions are Discrete, which RLlib's action normalization leaves as
+        # they are; it only deep-copies every step's actions (0.1 CPU s of 0.69 per arena-24 iteration)
+        config.environment(MettaGridMultiAgentEnv, env_config={"env": args.env, "seed": args.seed},
+                           normalize_actions=False)
         .training(lr=learning_rate_setting(args, agents))
         .multi_agent(policies={SHARED_MODULE_ID}, policy_mapping_fn=shared_module, count_steps_by="agent_steps")
         .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs={SHARED_MODULE_ID: module}))

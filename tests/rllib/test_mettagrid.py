@@ -319,6 +319,17 @@ def test_a_recurrent_policy_with_mettagrid_is_refused():
         build_config(TrainArgs(framework="rllib", env="mettagrid:arena-8", policy="lstm"))
 
 
+def test_cli_config_skips_action_normalization_for_discrete_grid_actions():
+    from bridges.rllib.train import build_config
+    from metta_core.run import TrainArgs
+
+    config = build_config(TrainArgs(framework="rllib", env="mettagrid:arena-8"))
+    assert config.normalize_actions is False  # sound only because every agent acts in a Discrete space:
+    probe = MettaGridMultiAgentEnv({"env": "mettagrid:arena-8"})
+    assert all(type(probe.get_action_space(agent)).__name__ == "Discrete" for agent in probe.possible_agents)
+    probe.close()
+
+
 def test_env_runner_stores_the_rollout_values_and_the_connector_uses_them(monkeypatch):
     """RLlib's MultiAgentEnvRunner keeps ``GridCNNModule``'s sampling ``VF_PREDS`` in the episodes; the
     connector takes them on every step slot (one value pass over the tails' bootstrap and padding slots
