@@ -23,7 +23,8 @@ in turn (four, each with its own env):
   the CPU time is comparable). ``rllib_breakdown`` says where its time goes, in CPU seconds per
   iteration: sampling (of which env steps and the module's forward; the rest is RLlib's episode,
   connector and metrics bookkeeping) and the learner update (of which the layout connector: stream
-  layout, and the value pass over the slots that are not rollout steps (the rollout's values come from the episodes); the rest is the training phase).
+  layout, and a value pass over the slots that are not rollout steps, the rollout's values coming
+  from the episodes; the rest is the training phase).
 
 The issue-13 goal is core and bridges >= 0.7x the plain loop. No assertion: read the table.
 """
