@@ -199,7 +199,8 @@ def compute_advantage(
 
     With ``w == 1`` and clips >= 1 this is GAE(lambda) on rewards shifted by one column.
     CPU tensors use a compiled kernel (bit-identical to the sequential float32 loop) on at most
-    ``torch.get_num_threads()`` threads, one below 64k elements (``metta_core.kernels.cpu``);
+    ``torch.get_num_threads()`` threads, one below 64k elements (``metta_core.kernels.cpu``), into
+    an output allocated by numpy (``torch.from_numpy``: it cannot be grown with ``resize_``);
     other devices (and CPU without numba, or ``METTA_ADVANTAGE_BACKEND=torch``) use a log-depth scan.
 
     Shapes, dtypes and hyperparameter ranges are always checked; with ``check_values`` (the
