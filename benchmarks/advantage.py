@@ -1,6 +1,6 @@
 """Advantage kernel benchmark: metta_core.compute_advantage against anchors measured in the same run.
 
-    python -m benchmarks.advantage [--busy] [--repeats 30] [--json runs/bench_advantage.json]
+    python -m benchmarks.advantage [--busy] [--cache warm|cold] [--repeats 30] [--json runs/bench_advantage.json]
     python -m benchmarks.advantage --crossover [--busy]   # serial vs 2-thread kernel by size
 
 Anchors: a plain scalar C loop (gcc -O3, compiled here when gcc exists), a PyTorch loop over
@@ -11,6 +11,20 @@ is faster). ``compute_advantage`` picks its own thread count from ``torch.get_nu
 ``--busy`` runs every timing beside one spinning process per core (``benchmarks.busy``).
 ``--crossover`` times the kernel's serial and 2-thread entry points over growing sizes: where
 the ratio falls below 1 is ``PARALLEL_MIN_ELEMENTS``. No assertion: speed goals are read off the table.
+
+Every timed call starts from the same cache state, whatever ran before it (``measure``):
+``--cache warm`` (the default) runs each candidate once untimed right before each timed call
+on the same inputs (its inputs, its output allocation and its code are as hot as in a loop
+that calls it again); ``--cache cold`` instead reads a buffer of 1.5x the last-level cache
+(``evict_caches``) before each timed call, so every candidate fetches its inputs from memory.
+Timing each candidate right after the previous *other* candidate (as this harness did until
+issue 17) let the predecessor decide the ratio at ``[1024, 256]``, whose 5 MiB working set is
+larger than a core's 2 MiB L2: on a quiet machine (load ~1.5), 1 thread, ``compute_advantage``
+took 0.78x the C loop right after itself, 1.11x after the C loop and 1.44x after TorchRL's
+``vec_generalized_advantage_estimate`` (the C loop itself moved by 36%). "cold" costs every
+Python-level candidate more than the C loop: once the code of torch's and numba's call paths is
+evicted too, ``compute_advantage``'s fixed cost grows from ~20 us to ~300 us (the C loop's
+ctypes call from ~17 to ~140 us), while the compiled kernel alone keeps pace with the C loop.
 """
 
 from __future__ import annotations
@@ -110,14 +124,39 @@ def make_data(shape, seed=0):
     return {"numpy": numpy, "torch": {k: torch.from_numpy(v) for k, v in numpy.items()}}
 
 
-def measure(fns: dict[str, Callable], repeats: int, slow: set[str]) -> dict[str, float]:
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache from sysfs (``lscpu``'s L3), 64 MiB when it cannot be read."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=64 << 20)
+
+
+def evict_caches(nbytes: int) -> Callable[[], float]:
+    """A function that reads one float64 in every 64-byte line of an ``nbytes`` buffer (and
+    returns their sum), which pushes every other array out of a cache smaller than ``nbytes``;
+    it only reads, so no dirty line is left to be written back during the next timed call."""
+    buffer = np.ones(max(nbytes // 8, 8))
+    lines = buffer[::8]
+    return lambda: float(lines.sum())
+
+
+def measure(fns: dict[str, Callable], repeats: int, slow: set[str],
+            evict: Callable[[], object] | None = None) -> dict[str, float]:
+    """Median seconds of each candidate over ``repeats`` interleaved rounds (``slow`` ones only
+    in the first 3), every timed call from the same cache state: right after an untimed call of
+    the same candidate on the same inputs ("warm"), or right after ``evict()`` when it is given
+    ("cold")."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for f in fns.values():
-        f()  # warm-up (JIT compile, caches)
+        f()  # warm-up (JIT compile)
     for i in range(repeats):
         for name, f in fns.items():
             if name in slow and i >= 3:
                 continue
+            (evict or f)()
             start = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - start)
@@ -127,7 +166,7 @@ def measure(fns: dict[str, Callable], repeats: int, slow: set[str]) -> dict[str,
 CROSSOVER_SHAPES = [(64, 32), (256, 32), (256, 64), (512, 64), (1024, 64), (2048, 64), (4096, 64), (16384, 64), (1024, 256)]
 
 
-def crossover(repeats: int, shapes=CROSSOVER_SHAPES) -> dict:
+def crossover(repeats: int, shapes=CROSSOVER_SHAPES, evict: Callable[[], object] | None = None) -> dict:
     """Median time of ``advantage_serial`` and of ``advantage_parallel`` on 2 threads, by size."""
     rows = []
     previous = numba.get_num_threads()
@@ -138,7 +177,7 @@ def crossover(repeats: int, shapes=CROSSOVER_SHAPES) -> dict:
             out = np.empty_like(n["values"])
             args = (n["values"], n["rewards"], n["dones"], n["ratio"], *map(np.float32, (GAMMA, LAMBDA, RHO, C)), out)
             med = measure({"serial": lambda: cpu_kernel.advantage_serial(*args),
-                           "2 threads": lambda: cpu_kernel.advantage_parallel(*args, 2)}, repeats, slow=set())
+                           "2 threads": lambda: cpu_kernel.advantage_parallel(*args, 2)}, repeats, slow=set(), evict=evict)
             rows.append({"shape": list(shape), "elements": shape[0] * shape[1], "serial_us": med["serial"] * 1e6,
                          "parallel_us": med["2 threads"] * 1e6, "ratio": med["2 threads"] / med["serial"]})
     finally:
@@ -150,7 +189,7 @@ def crossover(repeats: int, shapes=CROSSOVER_SHAPES) -> dict:
     return {"crossover": rows}
 
 
-def run_all(repeats: int) -> dict:
+def run_all(repeats: int, evict: Callable[[], object] | None = None) -> dict:
     c_loop = compile_c_loop()
     results = []
     for shape in SHAPES:
@@ -164,7 +203,8 @@ def run_all(repeats: int) -> dict:
             assert np.array_equal(ours.numpy(), fns["C -O3 loop (anchor)"]()), "kernel disagrees with the C loop"
         for threads in (1, 2):
             torch.set_num_threads(threads)  # the kernel's budget (it never uses more)
-            med = measure(fns, repeats, slow={"rllib compute_value_targets", "torchrl generalized_advantage_estimate", "torch loop over time"})
+            med = measure(fns, repeats, slow={"rllib compute_value_targets", "torchrl generalized_advantage_estimate", "torch loop over time"},
+                          evict=evict)
             anchor = med.get("C -O3 loop (anchor)")
             for name, sec in med.items():
                 results.append({"shape": list(shape), "threads": threads, "name": name, "ms": sec * 1e3,
@@ -182,12 +222,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--busy", action="store_true", help="one spinning process per core beside every timing")
     parser.add_argument("--crossover", action="store_true", help="serial vs 2-thread kernel over sizes")
+    parser.add_argument("--cache", choices=("warm", "cold"), default="warm",
+                        help="before each timed call: an untimed call of the same candidate (warm) or a cache eviction (cold)")
     args = parser.parse_args(argv)
+    evict = evict_caches(int(1.5 * last_level_cache_bytes())) if args.cache == "cold" else None
     with busy_machine(enabled=args.busy):
         label = load_label()
-        result = crossover(args.repeats) if args.crossover else run_all(args.repeats)
-    print(f"load: {label}")
-    write_json(args.json, {"load": label, **result})
+        result = crossover(args.repeats, evict=evict) if args.crossover else run_all(args.repeats, evict)
+    print(f"load: {label}; cache: {args.cache}")
+    write_json(args.json, {"load": label, "cache": args.cache, **result})
     return result
 
 

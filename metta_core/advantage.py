@@ -148,7 +148,7 @@ def _use_compiled(values: Tensor) -> bool:
     return False
 
 
-def _run_compiled(arrays: list[Tensor], scalars: list[float], out: Tensor) -> int:
+def _run_compiled(arrays: list[np.ndarray], scalars: list[float], out: np.ndarray) -> int:
     """The compiled kernel under the thread policy of ``metta_core.kernels.cpu.kernel_threads``;
     returns the kernel's value check (0: inputs valid and result finite).
 
@@ -159,7 +159,7 @@ def _run_compiled(arrays: list[Tensor], scalars: list[float], out: Tensor) -> in
     budget = torch.get_num_threads()
     segments, horizon = arrays[0].shape
     threads = _advantage_cpu.kernel_threads(segments, horizon, budget, numba.config.NUMBA_NUM_THREADS)
-    args = (*(a.numpy() for a in arrays), *(np.float32(x) for x in scalars), out.numpy())
+    args = (*arrays, *[np.float32(x) for x in scalars], out)
     if threads == 1:
         return _advantage_cpu.advantage_serial(*args)
     previous = numba.get_num_threads()  # the first call starts numba's threading layer
@@ -199,7 +199,8 @@ def compute_advantage(
 
     With ``w == 1`` and clips >= 1 this is GAE(lambda) on rewards shifted by one column.
     CPU tensors use a compiled kernel (bit-identical to the sequential float32 loop) on at most
-    ``torch.get_num_threads()`` threads, one below 64k elements (``metta_core.kernels.cpu``);
+    ``torch.get_num_threads()`` threads, one below 64k elements (``metta_core.kernels.cpu``), into
+    an output allocated by numpy (``torch.from_numpy``: it cannot be grown with ``resize_``);
     other devices (and CPU without numba, or ``METTA_ADVANTAGE_BACKEND=torch``) use a log-depth scan.
 
     Shapes, dtypes and hyperparameter ranges are always checked; with ``check_values`` (the
@@ -227,10 +228,13 @@ def _advantage(
     """The kernel call of ``compute_advantage`` (inputs already checked, ``dones`` float32):
     the advantage and the compiled kernel's value check (0: valid; ``None``: not checked)."""
     if _use_compiled(values):
-        arrays = [x.detach().contiguous() for x in (values, rewards, dones, importance_sampling_ratio)]
-        out = torch.empty_like(arrays[0])
+        arrays = [x.detach().contiguous().numpy() for x in (values, rewards, dones, importance_sampling_ratio)]
+        # numpy's allocator (malloc), not torch's (64-byte aligned): glibc returns a freed 1 MiB
+        # chunk to the next malloc of that size, while aligned allocations of that size wander
+        # through the heap, so a repeated call's output was in fresh, uncached memory
+        out = np.empty(arrays[0].shape, np.float32)
         problems = _run_compiled(arrays, [gamma, gae_lambda, rho_clip, c_clip], out)
-        return out, problems
+        return torch.from_numpy(out), problems
     return advantage_scan(
         values.detach(), rewards.detach(), dones, importance_sampling_ratio.detach(),
         gamma, gae_lambda, rho_clip, c_clip,

@@ -66,6 +66,33 @@ def test_crossover_table_runs():
     assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS and np.isfinite(rows[0]["ratio"])
 
 
+def _timed_log(monkeypatch, cache):
+    """Run ``measure`` on two logging candidates; the log marks each clock read with "|"."""
+    log = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(bench_advantage.time, "perf_counter", lambda: log.append("|") or next(clock))
+    fns = {name: (lambda name=name: log.append(name)) for name in ("a", "b")}
+    evict = (lambda: log.append("evict")) if cache == "cold" else None
+    med = bench_advantage.measure(fns, repeats=2, slow=set(), evict=evict)
+    assert med == {"a": 1, "b": 1}
+    return log
+
+
+@pytest.mark.parametrize("cache", ["warm", "cold"])
+def test_every_timed_call_follows_the_same_preparation(monkeypatch, cache):
+    log = _timed_log(monkeypatch, cache)
+    assert log[:2] == ["a", "b"]  # warm-up (JIT compile)
+    rounds = log[2:]
+    before = {"warm": lambda name: name, "cold": lambda name: "evict"}[cache]
+    assert rounds == [x for _ in range(2) for name in "ab" for x in (before(name), "|", name, "|")]
+
+
+def test_cache_eviction_reads_a_buffer_larger_than_the_cache():
+    assert bench_advantage.last_level_cache_bytes() >= 1 << 20
+    evict = bench_advantage.evict_caches(1 << 16)
+    assert evict() == (1 << 16) / 64  # one float64 of 1.0 per 64-byte line
+
+
 class _Spawned:
     def __init__(self, cmd):
         self.cmd, self.stopped = cmd, False

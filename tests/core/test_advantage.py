@@ -153,6 +153,18 @@ def test_returns_new_tensor_without_grad(device):
     assert a.data_ptr() not in {values.data_ptr(), ratio.data_ptr()}
 
 
+def test_each_call_returns_its_own_writable_tensor():
+    """The output is freshly allocated per call (never a buffer kept between calls)."""
+    values, rewards = torch.randn(8, 16), torch.randn(8, 16)
+    dones, ratio = torch.zeros(8, 16), torch.ones(8, 16)
+    first = compute_advantage(values, rewards, dones, ratio, gamma=0.9, gae_lambda=0.9)
+    second = compute_advantage(values, rewards, dones, ratio, gamma=0.9, gae_lambda=0.9)
+    assert torch.equal(first, second) and first.data_ptr() != second.data_ptr()
+    before = second.clone()
+    first += 1.0
+    assert torch.equal(second, before) and first.is_contiguous() and first.dtype == torch.float32
+
+
 @DEVICES
 def test_bool_dones_equal_float_dones(device):
     g = torch.Generator().manual_seed(2)
