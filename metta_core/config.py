@@ -25,28 +25,37 @@ class Config(BaseModel):
 
     def override(self, key: str, value: Any) -> "Config":
         """Set ``key`` (a dotted path such as ``"vtrace.rho_clip"``) to ``value`` in place."""
-        *parents, leaf = key.split(".")
-        node: Config = self
-        for i, name in enumerate(parents):
-            child = getattr(node, name, None) if name in type(node).model_fields else None
-            if not isinstance(child, Config):
-                raise MettaError(
-                    f"override({key!r}): {'.'.join(parents[: i + 1])!r} is not a nested config of "
-                    f"{type(self).__name__}; fields are {sorted(type(node).model_fields)}"
-                )
-            node = child
-        if leaf not in type(node).model_fields:
-            raise MettaError(
-                f"override({key!r}): {type(node).__name__} has no field {leaf!r}; "
-                f"fields are {sorted(type(node).model_fields)}"
-            )
-        setattr(node, leaf, value)  # validate_assignment re-checks the range
-        return self
+        return self.update({key: value})
 
     def update(self, updates: Mapping[str, Any]) -> "Config":
-        """Apply several ``override`` calls: ``cfg.update({"gamma": 0.99, "vtrace.c_clip": 2.0})``."""
+        """Set several dotted paths at once: ``cfg.update({"gamma": 0.99, "vtrace.c_clip": 2.0})``.
+
+        Every path is checked first (a ``MettaError`` names an unknown one); the result is then
+        validated as a whole, so fields that constrain each other can be given as separate paths
+        (``{"schedule.cycle_length": 2, "schedule.active_in_cycle": [2]}``). On a validation error
+        (pydantic's ``ValidationError``) ``self`` is unchanged."""
+        data = self.model_dump()
         for key, value in updates.items():
-            self.override(key, value)
+            *parents, leaf = key.split(".")
+            node, owner = data, type(self)
+            for i, name in enumerate(parents):
+                field = owner.model_fields.get(name)
+                nested = field.annotation if field is not None else None
+                if not (isinstance(nested, type) and issubclass(nested, Config)):
+                    raise MettaError(
+                        f"override({key!r}): {'.'.join(parents[: i + 1])!r} is not a nested config of "
+                        f"{type(self).__name__}; fields are {sorted(owner.model_fields)}"
+                    )
+                node, owner = node[name], nested
+            if leaf not in owner.model_fields:
+                raise MettaError(
+                    f"override({key!r}): {owner.__name__} has no field {leaf!r}; "
+                    f"fields are {sorted(owner.model_fields)}"
+                )
+            node[leaf] = value
+        validated = type(self).model_validate(data)
+        for name in type(self).model_fields:
+            setattr(self, name, getattr(validated, name))
         return self
 
 

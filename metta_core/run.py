@@ -103,15 +103,12 @@ class TrainArgs:
         except ValidationError as exc:
             err = exc.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
-            if not key:  # a rule across a nested config's fields (cycle_length with active_in_cycle): each
-                # dotted override is validated alone, so such fields are given together as one value
-                given = ", ".join(f"{k}={v!r}" for k, v in self.ppo.items())
-                raise MettaError(
-                    f"--ppo {given}: {err['msg'].removeprefix('Value error, ')}; give fields that depend on each "
-                    f"other as one JSON value, e.g. --ppo 'schedule={{\"cycle_length\": 2, \"active_in_cycle\": [2]}}'"
-                ) from None
+            if isinstance(err.get("input"), dict):  # a rule across a nested config's fields (schedule's cycle):
+                given = ", ".join(f"{k}={v!r}" for k, v in self.ppo.items() if k == key or k.startswith(key + "."))
+            else:
+                given = f"{key}={err.get('input')!r}"
             raise MettaError(
-                f"--ppo {key}={err.get('input')!r}: {err['msg']} (PPOConfig.{key}: {_field_help(key)})"
+                f"--ppo {given}: {err['msg'].removeprefix('Value error, ')} (PPOConfig.{key}: {_field_help(key)})"
             ) from None
         except MettaError as exc:
             raise MettaError(f"--ppo: {exc}") from None

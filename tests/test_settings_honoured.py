@@ -297,14 +297,16 @@ def test_rllib_learner_refuses_a_schedule_put_into_the_config_after_it_was_built
         metta_settings(config)
 
 
-def test_a_schedule_cycle_is_given_as_one_value_and_dotted_halves_say_so():
-    """Each dotted ``--ppo`` override is validated alone, so the pair cycle_length / active_in_cycle
-    cannot be given as two dotted keys; the error names both and shows the one-value form."""
-    with pytest.raises(MettaError, match=r"--ppo schedule.cycle_length=2, schedule.active_in_cycle=\[2\]: cycle_length "
-                                         r"and active_in_cycle must be set together; give .* as one JSON value"):
-        validate(ppo={"schedule.cycle_length": 2, "schedule.active_in_cycle": [2]})
+def test_a_schedule_cycle_is_given_as_one_value_or_as_dotted_halves():
+    """The overrides are validated together, so the pair cycle_length / active_in_cycle can be given as
+    two dotted keys; one half alone is refused naming what was given and the rule."""
     cycle = {"cycle_length": 2, "active_in_cycle": [2]}
-    assert TrainArgs(ppo={"schedule": cycle}).ppo_config().schedule.model_dump(include=set(cycle)) == cycle
+    dotted = {f"schedule.{k}": v for k, v in cycle.items()}
+    for ppo in ({"schedule": cycle}, dotted):
+        assert TrainArgs(ppo=ppo).ppo_config().schedule.model_dump(include=set(cycle)) == cycle
+    with pytest.raises(MettaError, match=r"--ppo schedule.cycle_length=2: cycle_length and active_in_cycle must be set "
+                                         r"together \(PPOConfig.schedule: "):
+        validate(ppo={"schedule.cycle_length": 2})
 
 
 def test_rllib_anneals_a_mettagrid_rate_over_the_agent_step_budget():

@@ -83,3 +83,11 @@ def test_schedule():
         LossSchedule(cycle_length=2, active_in_cycle=[3])
     with pytest.raises(ValidationError, match="set together"):
         LossSchedule(cycle_length=2)
+
+
+def test_update_validates_the_overrides_together_and_leaves_the_config_unchanged_on_error():
+    cfg = PPOConfig().update({"schedule.cycle_length": 3, "schedule.active_in_cycle": [1, 3], "gamma": 0.9})
+    assert (cfg.schedule.cycle_length, cfg.schedule.active_in_cycle, cfg.gamma) == (3, [1, 3], 0.9)
+    with pytest.raises(ValidationError, match="cycle_length and active_in_cycle must be set together"):
+        cfg.update({"gamma": 0.5, "schedule.active_in_cycle": None})
+    assert (cfg.gamma, cfg.schedule.active_in_cycle) == (0.9, [1, 3])
