@@ -22,8 +22,12 @@ def _conv(n_in: int, n_out: int, kernel: int, stride: int) -> nn.Conv2d:
 
 def grid_features(trunk: nn.Module, inv_scale: Tensor, obs: Tensor) -> Tensor:
     """``trunk(obs * inv_scale)`` as ``[N, hidden]`` for observations ``[..., features, height, width]``
-    (``N`` = the product of the leading dims; ``inv_scale`` is ``[features, 1, 1]``)."""
-    return trunk(obs.reshape(-1, *obs.shape[obs.dim() - 3:]).float() * inv_scale)
+    (``N`` = the product of the leading dims; ``inv_scale`` is ``[features, 1, 1]``).
+
+    Integer observations (MettaGrid's uint8 grids) are promoted to float32 by the multiply itself,
+    in one pass and to the same numbers as ``.float()`` first; float ones are cast to float32 first."""
+    x = obs.reshape(-1, *obs.shape[obs.dim() - 3:])
+    return trunk((x if not x.is_floating_point() else x.float()) * inv_scale)
 
 
 class GridCNN(nn.Module):

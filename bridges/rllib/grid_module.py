@@ -21,7 +21,7 @@ from ray.rllib.core.distribution.torch.torch_distribution import TorchCategorica
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
-from metta_core.cnn_policy import GridCNN
+from metta_core.cnn_policy import GridCNN, grid_features
 
 
 class GridCNNModule(TorchRLModule, ValueFunctionAPI):
@@ -43,8 +43,7 @@ class GridCNNModule(TorchRLModule, ValueFunctionAPI):
             )
 
     def _embed(self, batch) -> torch.Tensor:
-        # GridCNN.forward's scaling; uint8 * float32 promotes in one pass (the same numbers as .float() first)
-        return self.net.trunk(batch[Columns.OBS] * self.net.inv_scale)
+        return grid_features(self.net.trunk, self.net.inv_scale, batch[Columns.OBS])
 
     def _forward(self, batch, **kwargs):
         hidden = self._embed(batch)
