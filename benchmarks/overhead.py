@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
@@ -61,6 +60,7 @@ from tensordict import TensorDict
 from torchrl.modules import ProbabilisticActor, ValueOperator
 from tensordict.nn import TensorDictModule
 
+from benchmarks import write_json
 from bridges.torchrl import MettaPPOLoss
 from metta_core.advantage import compute_advantage
 from metta_core.config import PPOConfig
@@ -351,6 +351,44 @@ def update_cases(episodes: list, learners: dict, minibatch: int,
 
 # -- measurement -----------------------------------------------------------------------------------
 
+def timing_parser(doc: str | None, repeats: int) -> argparse.ArgumentParser:
+    """The options every timing benchmark shares: ``--repeats``, ``--threads``, ``--clock``, ``--json``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and numba threads (default 1: spinning worker threads distort times on a busy machine)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                        help="cpu: process CPU time (default, steadier on a shared machine); wall: elapsed time")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser
+
+
+def set_threads(threads: int) -> None:
+    """numba's then torch's thread count (launching numba's OpenMP layer resets torch's to numba's)."""
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(threads)
+
+
+def ratio_result(shape: tuple, case: str, seconds: float, anchor: str | None, anchor_seconds: float | None,
+                 target: float | None, **extra) -> dict:
+    """One row of a ratio table: ``case``'s time (ms) and ``seconds / anchor_seconds`` (lower is faster)
+    against ``target`` (``met``); ``extra`` fields go after the shape."""
+    ratio = seconds / anchor_seconds if anchor else None
+    return {"shape": list(shape), **extra, "case": case, "ms": seconds * 1e3, "anchor": anchor, "ratio": ratio,
+            "target": target, "met": None if target is None else ratio <= target}
+
+
+def print_ratio_table(results: list[dict], case_width: int, anchor_width: int) -> None:
+    """The rows of ``ratio_result`` as a table (ratio, target and whether it is met)."""
+    print(f"{'minibatch':>9}  {'case':<{case_width}} {'ms':>8}  {'vs anchor':<{anchor_width}} {'ratio':>6} {'target':>7}")
+    for r in results:
+        ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else ""
+        target = f"<={r['target']:.2f}" if r["target"] is not None else ""
+        met = "" if r["met"] is None else (" met" if r["met"] else " NOT met")
+        print(f"{str(tuple(r['shape'])):>9}  {r['case']:<{case_width}} {r['ms']:>8.3f}  "
+              f"{r['anchor'] or '(anchor)':<{anchor_width}} {ratio:>6} {target:>7}{met}")
+
+
 def measure(samples: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
     """Median seconds per case over ``repeats`` interleaved rounds (after one warm-up round)."""
     for sample in samples.values():
@@ -381,18 +419,9 @@ COMPARISONS = [
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1, 
-                        help="torch and numba threads (default 1: spinning worker threads distort times on a busy machine)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
-                        help="cpu: process CPU time (default, steadier on a shared machine); wall: elapsed time")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = timing_parser(__doc__, repeats=20).parse_args(argv)
     clock = CLOCKS[args.clock]
-    # numba first: launching its OpenMP layer resets torch's thread count to numba's
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     results = []
     for shape in SHAPES:
         loss_fns, policy = loss_cases(shape)
@@ -401,27 +430,13 @@ def main(argv=None) -> dict:
         med = measure(samples, args.repeats)
         for case, anchor, target_key in COMPARISONS:
             target = TARGETS.get(target_key) if target_key else None
-            ratio = med[case] / med[anchor] if anchor else None
-            results.append({
-                "shape": list(shape), "rows": shape[0] * shape[1], "case": case, "ms": med[case] * 1e3,
-                "anchor": anchor, "ratio": ratio, "target": target,
-                "met": None if target is None else ratio <= target,
-            })
+            results.append(ratio_result(shape, case, med[case], anchor, med.get(anchor), target,
+                                        rows=shape[0] * shape[1]))
     print(f"threads={args.threads} repeats={args.repeats} clock={args.clock}; loss rows: ms per minibatch (forward + backward); "
           f"rllib rows: ms per update ({RLLIB_MINIBATCHES} minibatches)")
-    print(f"{'minibatch':>9}  {'case':<38} {'ms':>8}  {'vs anchor':<36} {'ratio':>6} {'target':>7}")
-    for r in results:
-        ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else ""
-        target = f"<={r['target']:.2f}" if r["target"] is not None else ""
-        met = "" if r["met"] is None else (" met" if r["met"] else " NOT met")
-        print(f"{str(tuple(r['shape'])):>9}  {r['case']:<38} {r['ms']:>8.3f}  {r['anchor'] or '(anchor)':<36} "
-              f"{ratio:>6} {target:>7}{met}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "clock": args.clock, "results": results},
-                                        indent=2))
+    print_ratio_table(results, case_width=38, anchor_width=36)
+    write_json(args.json, {"threads": args.threads, "repeats": args.repeats, "clock": args.clock, "results": results})
     return {"results": results}
-
 
 if __name__ == "__main__":
     main()

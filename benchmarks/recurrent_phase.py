@@ -26,8 +26,6 @@ time); ratios are against the anchor named on the row; the goal of issue 12 is `
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Callable
 
 import gymnasium as gym
@@ -35,7 +33,7 @@ import torch
 from tensordict import TensorDict
 
 from benchmarks import write_json
-from benchmarks.overhead import CLOCKS, measure, timed_backward
+from benchmarks.overhead import CLOCKS, measure, print_ratio_table, ratio_result, set_threads, timed_backward, timing_parser
 from bridges.torchrl import MettaPPOLoss
 from bridges.torchrl.recurrent import from_recurrent_actor_critic
 from metta_core.advantage import compute_advantage
@@ -146,13 +144,8 @@ COMPARISONS = [
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = timing_parser(__doc__, repeats=15).parse_args(argv)
+    set_threads(args.threads)
     clock = CLOCKS[args.clock]
     results = []
     for shape in SHAPES:
@@ -160,24 +153,14 @@ def main(argv=None) -> dict:
         zero_all = torch.nn.ModuleList(holders)
         med = measure({name: timed_backward(zero_all, fn, clock) for name, fn in loss_fns.items()}, args.repeats)
         for case, anchor in COMPARISONS:
-            ratio = med[case] / med[anchor] if anchor else None
             target = TARGET if (case, anchor) == ("torchrl MettaPPOLoss", "torchrl ClipPPOLoss") else None
-            results.append({"shape": list(shape), "case": case, "ms": med[case] * 1e3, "anchor": anchor,
-                            "ratio": ratio, "target": target, "met": None if target is None else ratio <= target})
+            results.append(ratio_result(shape, case, med[case], anchor, med.get(anchor), target))
     print(f"threads={args.threads} repeats={args.repeats} clock={args.clock}; ms per minibatch (forward + backward), "
           f"LSTM hidden {HIDDEN}, resets p={RESET_P:.3f}")
-    print(f"{'minibatch':>9}  {'case':<22} {'ms':>8}  {'vs anchor':<22} {'ratio':>6} {'target':>7}")
-    for r in results:
-        ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else ""
-        target = f"<={r['target']:.2f}" if r["target"] is not None else ""
-        met = "" if r["met"] is None else (" met" if r["met"] else " NOT met")
-        print(f"{str(tuple(r['shape'])):>9}  {r['case']:<22} {r['ms']:>8.3f}  {r['anchor'] or '(anchor)':<22} "
-              f"{ratio:>6} {target:>7}{met}")
+    print_ratio_table(results, case_width=22, anchor_width=22)
     summary = {"threads": args.threads, "repeats": args.repeats, "clock": args.clock, "results": results}
-    if args.json:
-        write_json(args.json, summary)
+    write_json(args.json, summary)
     return summary
-
 
 if __name__ == "__main__":
     main()

@@ -25,18 +25,15 @@ ratios against ``PPOTorchLearner`` (goal of issue 12: <= 1.10). No assertion on 
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
 import gymnasium as gym
-import numba
 import numpy as np
 import torch
 
-from benchmarks.overhead import CLOCKS, RLLIB_MINIBATCHES, measure, update_cases
+from benchmarks import write_json
+from benchmarks.overhead import CLOCKS, RLLIB_MINIBATCHES, measure, set_threads, timing_parser, update_cases
 from metta_core.config import PPOConfig, TrainerConfig
 
 SHAPES = [(16, 32, 64), (64, 32, 64), (64, 64, 128)]
@@ -148,15 +145,9 @@ def core_case(shape, clock) -> Callable[[], float]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = timing_parser(__doc__, repeats=10).parse_args(argv)
     clock = CLOCKS[args.clock]
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     results = []
     for shape in SHAPES:
         samples = {"core": core_case(shape, clock), **rllib_cases(shape, clock)}
@@ -171,10 +162,7 @@ def main(argv=None) -> dict:
     for r in results:
         print(f"{str(r['shape']):>14}  {r['case']:<24} {r['ms']:>9.2f}  {r['vs PPOTorchLearner']:>18.3f}  "
               f"{r['vs core']:>8.3f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "clock": args.clock,
-                                         "results": results}, indent=2))
+    write_json(args.json, {"threads": args.threads, "repeats": args.repeats, "clock": args.clock, "results": results})
     return {"results": results}
 
 
